@@ -1,0 +1,479 @@
+"""fastbn's public functions: NumPy-style signatures, argument checks, layout, dispatch.
+
+This is the one place that validates arguments and normalizes layout. Backends receive
+validated (outer, C, inner) views, float64 (C,) parameters and preallocated outputs,
+and never re-check. Running statistics are written only after every check passed and
+every kernel ran, so a failing call changes nothing.
+"""
+import math
+import operator
+
+import numpy as np
+
+from ._dispatch import backend_for, backend_name_for
+from ._moments import Moments, _var
+
+__all__ = ["moments", "welford", "batch_norm", "batch_norm_forward",
+           "batch_norm_backward", "get_backend"]
+
+_NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_F64 = np.dtype(np.float64)
+_F32 = np.dtype(np.float32)
+_DTYPES_TEXT = "float16, float32, float64 or bfloat16"
+
+
+# ------------------------------------------------------------------ checks
+
+def _is_float_dtype(dt):
+    return dt in _NATIVE_FLOATS or (dt.name == "bfloat16" and dt.itemsize == 2)
+
+
+def _acc_dtype(dt):
+    """Dtype of returned statistics/gradients: float64 for float64 data, else float32."""
+    return _F64 if dt == _F64 else _F32
+
+
+def _as_array(a):
+    return a if type(a) is np.ndarray else np.asarray(a)
+
+
+def _check_data(x, name):
+    x = _as_array(x)
+    if not _is_float_dtype(x.dtype):
+        raise TypeError(f"{name} must be a floating array ({_DTYPES_TEXT}), got: "
+                        f"{name}.dtype={x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (batch, channels, ...), "
+                         f"got: {name}.ndim={x.ndim}")
+    return x
+
+
+class _Layout:
+    """The (outer, C, inner) view of an array with channel axis `axis`."""
+
+    __slots__ = ("shape", "axis", "C", "shape3", "count")
+
+    def __init__(self, shape, axis):
+        try:
+            axis = operator.index(axis)
+        except TypeError:
+            raise TypeError(f"axis must be an int, got: axis={axis!r}") from None
+        ndim = len(shape)
+        if not -ndim <= axis < ndim:
+            raise ValueError(f"axis={axis} is out of bounds for x.ndim={ndim}")
+        k = axis % ndim
+        outer = math.prod(shape[:k])
+        inner = math.prod(shape[k + 1:])
+        self.shape = shape
+        self.axis = axis
+        self.C = shape[k]
+        self.shape3 = (outer, self.C, inner)
+        self.count = outer * inner
+
+
+def _kernel_ready(v):
+    """Strides the kernels take: unit inner stride (inner > 1) or unit channel stride."""
+    item = v.itemsize
+    s0, s1, s2 = v.strides
+    if s0 % item or s1 % item or s2 % item:
+        return False
+    if v.shape[2] > 1:
+        return s2 == item
+    return v.shape[1] == 1 or s1 == item
+
+
+def _view3(a, layout):
+    v = a.reshape(layout.shape3)  # a view whenever numpy can make one
+    return v if _kernel_ready(v) else np.ascontiguousarray(v)
+
+
+def _check_channel_param(a, name, layout, dtype_required=True):
+    a = _as_array(a)
+    if dtype_required and not _is_float_dtype(a.dtype):
+        raise TypeError(f"{name} must be a floating array ({_DTYPES_TEXT}), got: "
+                        f"{name}.dtype={a.dtype}")
+    if a.shape != (layout.C,):
+        raise ValueError(f"{name} must have shape ({layout.C},) to match the {layout.C} "
+                         f"channels of x along axis={layout.axis}, got: {name}.shape={a.shape}")
+    return a.astype(_F64)
+
+
+def _check_running(a, name, layout):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got: "
+                        f"{type(a).__name__}")
+    if not _is_float_dtype(a.dtype):
+        raise TypeError(f"{name} must be a floating array ({_DTYPES_TEXT}), got: "
+                        f"{name}.dtype={a.dtype}")
+    if a.shape != (layout.C,):
+        raise ValueError(f"{name} must have shape ({layout.C},) to match the {layout.C} "
+                         f"channels of x along axis={layout.axis}, got: {name}.shape={a.shape}")
+    if not a.flags.writeable:
+        raise ValueError(f"{name} is read-only, but running statistics are updated in place")
+    return a
+
+
+def _check_real(v, name, low=None):
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got: {name}={v!r}") from None
+    if not math.isfinite(v) or (low is not None and v < low):
+        bound = f" >= {low}" if low is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got: {name}={v}")
+    return v
+
+
+def _check_out(out, name, shape, dtype):
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got: {type(out).__name__}")
+    if out.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got: {name}.shape={out.shape}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got: {name}.dtype={out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+
+
+def _same_view(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides and a.shape == b.shape)
+
+
+def _output(out, name, layout, dtype, inputs3):
+    """-> (result array, kernel's (outer, C, inner) target, buffer to copy back or None).
+
+    The kernels write `out` directly when they can: its 3-D view exists without a copy,
+    has kernel strides, and aliases no input except as the very same view (an in-place
+    call such as out=x is safe: a channel's reduction finishes before it is written)."""
+    if out is None:
+        y = np.empty(layout.shape, dtype)
+        return y, y.reshape(layout.shape3), None
+    _check_out(out, name, layout.shape, dtype)
+    y3 = out.reshape(layout.shape3)
+    direct = np.may_share_memory(y3, out) or out.size == 0
+    direct = direct and _kernel_ready(y3) and not any(
+        np.may_share_memory(y3, v) and not _same_view(y3, v) for v in inputs3)
+    if direct:
+        return out, y3, None
+    tmp = np.empty(layout.shape, dtype)
+    return out, tmp.reshape(layout.shape3), tmp
+
+
+def _finish(result, tmp):
+    if tmp is not None:
+        result[...] = tmp
+    return result
+
+
+def _check_training_batch(x, layout):
+    if layout.count == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {x.shape}")
+
+
+# ------------------------------------------------------------------ statistics
+
+def welford(x, axis=1):
+    """Per-channel Welford/Chan moments of `x`, as a mergeable partial.
+
+    Parameters
+    ----------
+    x : array_like, at least 2-D, floating
+        Data with channels along `axis` (float16, float32, float64 or bfloat16).
+    axis : int, default 1
+        Channel axis (1 for NC..., -1 for channels-last).
+
+    Returns
+    -------
+    Moments
+        ``.count`` elements per channel, float64 ``.mean`` and ``.m2`` of shape (C,).
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn as fbn
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, size=(64, 4, 10)).astype(np.float32)
+    >>> m = fbn.welford(x)
+    >>> m.count, m.mean.shape, m.mean.dtype
+    (640, (4,), dtype('float64'))
+    """
+    return _welford(x, axis)[0]
+
+
+def _welford(x, axis):
+    _, backend = backend_for(x)
+    x = _check_data(x, "x")
+    layout = _Layout(x.shape, axis)
+    count, mean, m2 = backend.moments(_view3(x, layout))
+    return Moments(count, mean, m2), x.dtype
+
+
+def moments(x, axis=1, *, ddof=0):
+    """Per-channel mean and variance of `x` over every axis but `axis`.
+
+    One read of the data: per-channel Welford/Chan moments accumulated in float64.
+
+    Parameters
+    ----------
+    x : array_like, at least 2-D, floating
+    axis : int, default 1
+        Channel axis.
+    ddof : int, default 0
+        Delta degrees of freedom: ``var = M2 / (count - ddof)``.
+
+    Returns
+    -------
+    mean, var : ndarray of shape (C,)
+        float64 for float64 input, float32 otherwise. NaN where ``count - ddof <= 0``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn as fbn
+    >>> x = np.arange(12, dtype=np.float32).reshape(2, 3, 2)
+    >>> mean, var = fbn.moments(x)
+    >>> mean, var
+    (array([3.5, 5.5, 7.5], dtype=float32), array([9.25, 9.25, 9.25], dtype=float32))
+    >>> fbn.moments(x.transpose(0, 2, 1), axis=-1)[0]
+    array([3.5, 5.5, 7.5], dtype=float32)
+    """
+    try:
+        ddof = operator.index(ddof)
+    except TypeError:
+        raise TypeError(f"ddof must be an int, got: ddof={ddof!r}") from None
+    m, dtype = _welford(x, axis)
+    acc = _acc_dtype(dtype)
+    mean = m.mean if m.count else np.full_like(m.mean, np.nan)
+    return mean.astype(acc), _var(m.count, m.m2, ddof).astype(acc)
+
+
+# ------------------------------------------------------------------ forward
+
+def _update_running(running_mean, running_var, mean, var, count, momentum):
+    """In-place PyTorch-convention update, computed first, then written."""
+    new_mean = (1.0 - momentum) * running_mean.astype(_F64) + momentum * mean
+    new_var = (1.0 - momentum) * running_var.astype(_F64) + momentum * (var * (count / (count - 1)))
+    running_mean[...] = new_mean
+    running_var[...] = new_var
+
+
+def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, axis, out):
+    """Shared body of training-mode batch_norm and batch_norm_forward."""
+    x = _check_data(x, "x")
+    layout = _Layout(x.shape, axis)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither "
+                         "be None")
+    if running_mean is not None:
+        _check_running(running_mean, "running_mean", layout)
+        _check_running(running_var, "running_var", layout)
+    w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
+    b = np.zeros(layout.C) if bias is None else _check_channel_param(bias, "bias", layout)
+    momentum = _check_real(momentum, "momentum")
+    eps = _check_real(eps, "eps", low=0.0)
+    _check_training_batch(x, layout)
+    x3 = _view3(x, layout)
+    y, y3, tmp = _output(out, "out", layout, x.dtype, (x3,))
+    if layout.count == 0:  # empty batch: nothing to normalize, statistics undefined
+        nan = np.full(layout.C, np.nan)
+        return y, nan, nan.copy()
+    mean, var, invstd = backend.train_forward(x3, y3, w, b, eps)
+    _finish(y, tmp)
+    if running_mean is not None:
+        _update_running(running_mean, running_var, mean, var, layout.count, momentum)
+    return y, mean, invstd
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
+               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None):
+    """Batch normalization, with the arguments and semantics of
+    ``torch.nn.functional.batch_norm``.
+
+    ``y = weight * (x - mean) / sqrt(var + eps) + bias`` per channel, with the batch's
+    statistics when ``training`` (updating the running statistics in place, unbiased
+    variance, ``momentum``) and the running statistics otherwise.
+
+    Parameters
+    ----------
+    x : array_like, at least 2-D, floating
+        Input with channels along `axis` (NC, NCL, NCHW, NCDHW, or channels-last with
+        ``axis=-1``).
+    running_mean, running_var : ndarray of shape (C,), optional
+        Running statistics; both or neither. Required when ``training`` is False.
+        Updated in place when ``training``.
+    weight, bias : array_like of shape (C,), optional
+        Affine parameters (default 1 and 0).
+    training : bool, default False
+        Use batch statistics (and update running statistics).
+    momentum : float, default 0.1
+        ``running = (1 - momentum) * running + momentum * batch_statistic``.
+    eps : float, default 1e-5
+        Added to the variance.
+    axis : int, default 1
+        Channel axis.
+    out : ndarray, optional
+        Where to write y (shape and dtype of x; may be x itself).
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and dtype as x.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn as fbn
+    >>> x = np.random.default_rng(0).normal(5.0, 3.0, size=(32, 4, 8, 8)).astype(np.float32)
+    >>> rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    >>> y = fbn.batch_norm(x, rm, rv, training=True, momentum=0.5)
+    >>> bool(abs(y.mean()) < 1e-5), bool(abs(y.std() - 1) < 1e-3)
+    (True, True)
+    >>> rm.round(1)  # half-way from 0 to the batch mean of ~5
+    array([2.5, 2.5, 2.5, 2.5], dtype=float32)
+    >>> y_eval = fbn.batch_norm(x, rm, rv)  # inference: uses the running statistics
+    """
+    _, backend = backend_for(x, running_mean, running_var, weight, bias, out)
+    if training:
+        return _train(backend, x, weight, bias, running_mean, running_var, momentum, eps,
+                      axis, out)[0]
+    x = _check_data(x, "x")
+    layout = _Layout(x.shape, axis)
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must be defined in evaluation mode "
+                         "(training=False)")
+    rm = _check_channel_param(running_mean, "running_mean", layout)
+    rv = _check_channel_param(running_var, "running_var", layout)
+    w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
+    b = np.zeros(layout.C) if bias is None else _check_channel_param(bias, "bias", layout)
+    _check_real(momentum, "momentum")
+    eps = _check_real(eps, "eps", low=0.0)
+    x3 = _view3(x, layout)
+    y, y3, tmp = _output(out, "out", layout, x.dtype, (x3,))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = w / np.sqrt(rv + eps)
+    backend.normalize(x3, y3, rm, scale, b)
+    return _finish(y, tmp)
+
+
+def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
+                       momentum=0.1, eps=1e-5, axis=1, out=None):
+    """Training-mode batch norm that also returns what backward needs.
+
+    One fused pass per channel: statistics, then normalization while the channel is in
+    cache; running statistics (if given) are updated in place.
+
+    Parameters
+    ----------
+    x : array_like, at least 2-D, floating
+    weight, bias : array_like of shape (C,), optional
+    running_mean, running_var : ndarray of shape (C,), optional
+        Both or neither; updated in place (unbiased variance, `momentum`).
+    momentum, eps : float
+    axis : int, default 1
+    out : ndarray, optional
+        Where to write y.
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and dtype as x.
+    mean, invstd : ndarray of shape (C,)
+        Batch mean and ``1/sqrt(var + eps)`` (float64 for float64 x, else float32).
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn as fbn
+    >>> x = np.random.default_rng(1).normal(size=(16, 3, 5)).astype(np.float32)
+    >>> y, mean, invstd = fbn.batch_norm_forward(x, weight=np.full(3, 2.0), bias=np.zeros(3))
+    >>> y.shape, mean.dtype, invstd.shape
+    ((16, 3, 5), dtype('float32'), (3,))
+    """
+    _, backend = backend_for(x, weight, bias, running_mean, running_var, out)
+    y, mean, invstd = _train(backend, x, weight, bias, running_mean, running_var, momentum,
+                             eps, axis, out)
+    acc = _acc_dtype(y.dtype)
+    return y, mean.astype(acc), invstd.astype(acc)
+
+
+# ------------------------------------------------------------------ backward
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis=1,
+                        out=None):
+    """Gradients of batch norm with respect to x, weight and bias.
+
+    Training mode (statistics of the batch, gradient flows through them)::
+
+        dbias   = sum(dy)
+        dweight = sum(dy * xhat),  xhat = (x - mean) * invstd
+        dx      = weight * invstd / m * (m * dy - dbias - xhat * dweight)
+
+    With ``training=False``, `mean` and `invstd` are frozen running statistics and
+    ``dx = dy * weight * invstd``. One fused pass per channel.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the loss with respect to y (shape and dtype of x).
+    x : array_like
+        The forward input.
+    mean, invstd : array_like of shape (C,)
+        As returned by `batch_norm_forward` (or ``running_mean`` and
+        ``1/sqrt(running_var + eps)`` with ``training=False``).
+    weight : array_like of shape (C,), optional
+    training : bool, default True
+    axis : int, default 1
+    out : ndarray, optional
+        Where to write dx (may be dy itself).
+
+    Returns
+    -------
+    dx : ndarray
+        Shape and dtype of x.
+    dweight, dbias : ndarray of shape (C,)
+        float64 for float64 x, else float32.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn as fbn
+    >>> x = np.random.default_rng(2).normal(size=(8, 3, 4))
+    >>> y, mean, invstd = fbn.batch_norm_forward(x)
+    >>> dx, dw, db = fbn.batch_norm_backward(np.ones_like(x), x, mean, invstd)
+    >>> bool(np.abs(dx).max() < 1e-12), db  # a constant gradient does not reach x
+    (True, array([32., 32., 32.]))
+    """
+    _, backend = backend_for(dy, x, mean, invstd, weight, out)
+    x = _check_data(x, "x")
+    dy = _check_data(dy, "dy")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x {x.shape}, got: dy.shape={dy.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have the dtype of x ({x.dtype}), got: dy.dtype={dy.dtype}")
+    layout = _Layout(x.shape, axis)
+    mean = _check_channel_param(mean, "mean", layout)
+    invstd = _check_channel_param(invstd, "invstd", layout)
+    w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
+    frozen = not training
+    if not frozen:
+        _check_training_batch(x, layout)
+    x3 = _view3(x, layout)
+    dy3 = _view3(dy, layout)
+    dx, dx3, tmp = _output(out, "out", layout, x.dtype, (x3, dy3))
+    sdy, sxmu = backend.backward(dy3, x3, dx3, mean, invstd, w, frozen)
+    acc = _acc_dtype(x.dtype)
+    return _finish(dx, tmp), (invstd * sxmu).astype(acc), sdy.astype(acc)
+
+
+def get_backend(x):
+    """Name of the backend that runs fastbn on `x`: "cpu", "reference" or "cuda".
+
+    NumPy arrays and array-likes run on "cpu" (the Cython/OpenMP core) unless
+    ``FASTBN_BACKEND=reference`` selects the pure-NumPy float64 reference.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn as fbn
+    >>> fbn.get_backend(np.zeros((2, 3)))
+    'cpu'
+    """
+    name = backend_name_for(x)
+    if name == "cuda":
+        backend_for(x)  # raises: the CUDA backend does not exist yet
+    return name

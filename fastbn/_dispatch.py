@@ -1,0 +1,98 @@
+"""Which backend runs a call: a small registry keyed by array type.
+
+Array types are detected through ``sys.modules`` (array-api-compat's ``is_cupy_array``
+style), so importing fastbn never imports CuPy: a CuPy array can only come from a user
+who already imported it.
+"""
+import os
+import sys
+
+import numpy as np
+
+_BACKEND_ENV = "FASTBN_BACKEND"
+_BACKEND_NAMES = ("cpu", "reference")
+
+
+def is_cupy_array(a):
+    cupy = sys.modules.get("cupy")
+    return cupy is not None and isinstance(a, cupy.ndarray)
+
+
+def _describe(a):
+    t = type(a)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def array_family(a):
+    """'numpy' for NumPy arrays and array-likes, 'cupy' for CuPy arrays.
+
+    Raises TypeError for array types fastbn cannot take (device arrays of other
+    libraries, masked arrays, numpy.matrix)."""
+    if isinstance(a, np.ndarray):
+        if isinstance(a, (np.ma.MaskedArray, np.matrix)):
+            raise TypeError(
+                f"fastbn does not accept {_describe(a)} (masks / matrix semantics would be "
+                "ignored); pass a plain numpy.ndarray")
+        return "numpy"
+    if is_cupy_array(a):
+        return "cupy"
+    if hasattr(a, "__cuda_array_interface__"):
+        raise TypeError(f"unsupported array type {_describe(a)}: fastbn takes NumPy arrays, "
+                        "CuPy arrays, or array-likes convertible with numpy.asarray")
+    return "numpy"
+
+
+def _cpu_backend():
+    from . import _backend_cpu
+    return _backend_cpu
+
+
+def _reference_backend():
+    from . import _reference
+    return _reference
+
+
+def _cuda_backend():
+    raise NotImplementedError(
+        "fastbn's CUDA backend for CuPy arrays is not available yet; convert with "
+        "cupy.asnumpy(x) to use the CPU backend")
+
+
+# array family -> backend factory (scipy's spatial.transform registry pattern)
+_REGISTRY = {"numpy": _cpu_backend, "cupy": _cuda_backend}
+
+
+def backend_name_for(*arrays):
+    """Name of the backend that runs a call on these arrays ('cpu', 'reference', ...).
+
+    None entries are skipped. Mixed array types raise TypeError naming them."""
+    family = None
+    first = None
+    for a in arrays:
+        if a is None:
+            continue
+        f = array_family(a)
+        if family is None:
+            family, first = f, a
+        elif f != family:
+            raise TypeError(
+                f"mixed array types: {_describe(first)} and {_describe(a)}; pass all arrays "
+                "of one type (all NumPy or all CuPy)")
+    if family == "cupy":
+        return "cuda"
+    forced = os.environ.get(_BACKEND_ENV)
+    if forced:
+        if forced not in _BACKEND_NAMES:
+            raise ValueError(f"{_BACKEND_ENV} must be one of {_BACKEND_NAMES}, got: {forced!r}")
+        return forced
+    return "cpu"
+
+
+def backend_for(*arrays):
+    """(name, backend module) for a call on these arrays."""
+    name = backend_name_for(*arrays)
+    if name == "cuda":
+        return name, _cuda_backend()
+    if name == "reference":
+        return name, _reference_backend()
+    return name, _cpu_backend()

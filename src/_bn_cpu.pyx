@@ -1,0 +1,454 @@
+# distutils: language = c++
+"""fastbn's CPU core: OpenMP-parallel loops over the per-channel C++ kernels.
+
+Design (after sklearn/_loss/_loss.pyx.tp):
+  * The per-channel / per-chunk kernels are C++ templates in bn_kernels.hpp
+    (`noexcept nogil`, runtime-dispatched AVX-512/AVX2/baseline clones).
+  * The `cdef ... noexcept nogil` functions here hold the parallel structure:
+    `prange(..., schedule='static', num_threads=n_threads)` over channels, or over
+    (channel, chunk) work items when channels are few, or over row chunks for
+    channels-last. Every path folds chunk partials in chunk order, so results are
+    bitwise identical for every thread count.
+  * The `def` wrappers take arrays the Python layer already validated: 3-D views
+    (outer, C, inner) whose inner axis is contiguous (inner > 1) or whose channel axis
+    is contiguous (inner == 1); outputs are preallocated by the caller. Nothing is
+    re-checked here.
+"""
+from cython.parallel cimport prange, threadid
+cimport numpy as cnp
+import numpy as np
+
+from _openmp_helpers cimport FASTBN_OPENMP_ENABLED, omp_get_max_threads
+
+cnp.import_array()
+
+ctypedef Py_ssize_t idx
+
+
+cdef extern from "bn_kernels.hpp":
+    bint FASTBN_HAVE_HALF
+
+
+cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
+    ctypedef struct half:
+        pass
+    ctypedef struct bf16:
+        pass
+    ctypedef struct Moments:
+        double n
+        double mean
+        double m2
+    ctypedef struct Sums:
+        double dy
+        double dy_xmu
+    ctypedef struct NCGrid:
+        idx outer
+        idx inner
+        idx n_chunks
+    ctypedef struct NLCGrid:
+        idx rows
+        idx channels
+        idx n_chunks
+        idx chunk_rows
+    ctypedef struct Span:
+        idx r0
+        idx r1
+        idx i0
+        idx i1
+
+    NCGrid nc_grid(idx outer, idx inner)
+    Span nc_chunk(NCGrid g, idx k)
+    NLCGrid nlc_grid(idx rows, idx channels)
+    void merge_into(Moments& a, double nb, double mb, double m2b)
+    double invstd_of(double n, double m2, double eps)
+    void backward_coefficients(Sums t, double invstd, double weight, double m, bint frozen,
+                               double* a, double* b, double* c)
+    double merge_chunks_nlc(idx n_chunks, idx C, const double* counts, const double* means,
+                            const double* m2s, double* out_mean, double* out_m2)
+
+    Moments chunk_moments_nc[T](const T* xc, idx so, Span s)
+    Moments channel_moments_nc[T](const T* xc, idx so, NCGrid g)
+    void normalize_nc[T](const T* xc, T* yc, idx sox, idx soy, Span s, double mean,
+                         double scale, double shift)
+    Moments train_forward_channel_nc[T](const T* xc, T* yc, idx sox, idx soy, NCGrid g,
+                                        double weight, double bias, double eps,
+                                        double* invstd_out)
+    Sums chunk_sums_nc[T](const T* dyc, const T* xc, idx sody, idx sox, Span s, double mean)
+    void backward_elementwise_nc[T](const T* dyc, const T* xc, T* dxc, idx sody, idx sox,
+                                    idx sodx, Span s, double a, double b, double c,
+                                    double mean, bint frozen)
+    Sums backward_channel_nc[T](const T* dyc, const T* xc, T* dxc, idx sody, idx sox,
+                                idx sodx, NCGrid g, double mean, double invstd,
+                                double weight, bint frozen)
+
+    double chunk_moments_nlc[T](const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean,
+                                double* m2, double* bmean, double* bm2)
+    void prepare_channel_constants[T](const T* dtype_tag, idx C, const double* mean, const double* p0,
+                                      const double* p1, const double* p2, void* buf)
+    void normalize_nlc[T](const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1,
+                          const void* buf)
+    void chunk_sums_nlc[T](const T* dy, const T* x, idx srdy, idx srx, idx C, idx r0, idx r1,
+                           const double* mean, double* sdy, double* sxmu)
+    void backward_elementwise_nlc[T](const T* dy, const T* x, T* dx, idx srdy, idx srx,
+                                     idx srdx, idx C, idx r0, idx r1, const void* buf,
+                                     bint frozen)
+
+
+ctypedef fused data_t:
+    float
+    double
+    half
+    bf16
+
+
+def openmp_enabled():
+    """True when the extension was compiled with OpenMP."""
+    return bool(FASTBN_OPENMP_ENABLED)
+
+
+def half_supported():
+    """True when the compiler offers _Float16 (float16 kernels are built)."""
+    return bool(FASTBN_HAVE_HALF)
+
+
+def max_threads():
+    """OpenMP's current default team size (OMP_NUM_THREADS, threadpoolctl limits)."""
+    return omp_get_max_threads()
+
+
+# ------------------------------------------------------------------------ helpers
+
+cdef inline bint _split_channels(idx C, idx n_chunks, int n_threads) noexcept nogil:
+    """Split channels into (channel, chunk) work items when there are too few channels
+    to keep every thread busy. Either way the bits are the same."""
+    return n_threads > 1 and n_chunks > 1 and C < 4 * n_threads
+
+
+cdef inline idx _rows_end(NLCGrid g, idx k) noexcept nogil:
+    cdef idx r1 = (k + 1) * g.chunk_rows
+    return r1 if r1 < g.rows else g.rows
+
+
+cdef inline double* _dptr(cnp.ndarray a):
+    return <double*> cnp.PyArray_DATA(a)
+
+
+cdef inline idx _stride(cnp.ndarray a, int axis):
+    return cnp.PyArray_STRIDES(a)[axis] // cnp.PyArray_ITEMSIZE(a)
+
+
+# ----------------------------------------------------------------- statistics
+
+cdef void _moments_nc(const data_t* x, idx so, idx sc, NCGrid g, idx C, double* counts,
+                      double* mean, double* m2, double* parts, int n_threads) noexcept nogil:
+    # IN x (outer, C, inner); OUT counts, mean, m2 (C,); parts: 3*C*n_chunks scratch
+    cdef idx c, k, w
+    cdef Moments m
+    if not _split_channels(C, g.n_chunks, n_threads):
+        for c in prange(C, schedule='static', num_threads=n_threads):
+            m = channel_moments_nc(x + c * sc, so, g)
+            counts[c] = m.n
+            mean[c] = m.mean
+            m2[c] = m.m2
+        return
+    for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
+        m = chunk_moments_nc(x + (w // g.n_chunks) * sc, so, nc_chunk(g, w % g.n_chunks))
+        parts[3 * w] = m.n
+        parts[3 * w + 1] = m.mean
+        parts[3 * w + 2] = m.m2
+    for c in range(C):
+        m.n = 0
+        m.mean = 0
+        m.m2 = 0
+        for k in range(g.n_chunks):
+            w = c * g.n_chunks + k
+            merge_into(m, parts[3 * w], parts[3 * w + 1], parts[3 * w + 2])
+        counts[c] = m.n
+        mean[c] = m.mean
+        m2[c] = m.m2
+
+
+cdef void _moments_nlc(const data_t* x, idx sr, NLCGrid g, double* counts, double* mean,
+                       double* m2, double* parts, int n_threads) noexcept nogil:
+    # IN x (rows, C); OUT counts (1,), mean, m2 (C,);
+    # parts: n_chunks + 2*C*n_chunks partials, then 2*C scratch per thread
+    cdef idx C = g.channels, k
+    cdef double* pm = parts + g.n_chunks
+    cdef double* pq = pm + C * g.n_chunks
+    cdef double* scratch = pq + C * g.n_chunks
+    cdef double* mine
+    for k in prange(g.n_chunks, schedule='static', num_threads=n_threads):
+        mine = scratch + 2 * C * threadid()
+        parts[k] = chunk_moments_nlc(x, sr, g, k * g.chunk_rows, _rows_end(g, k),
+                                             pm + k * C, pq + k * C, mine, mine + C)
+    counts[0] = merge_chunks_nlc(g.n_chunks, C, parts, pm, pq, mean, m2)
+
+
+cdef idx _moments_work_size(cnp.ndarray x3, int n_threads):
+    cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
+    cdef NLCGrid gl
+    if inner == 1:
+        gl = nlc_grid(outer, C)
+        return gl.n_chunks * (1 + 2 * C) + 2 * C * n_threads
+    return 3 * C * nc_grid(outer, inner).n_chunks
+
+
+cdef void _moments_any(const data_t* x, cnp.ndarray x3, double* counts, double* mean,
+                       double* m2, double* parts, int n_threads) noexcept:
+    cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
+    cdef idx so = _stride(x3, 0), sc = _stride(x3, 1), c
+    if inner == 1:
+        with nogil:
+            _moments_nlc(x, so, nlc_grid(outer, C), counts, mean, m2, parts, n_threads)
+            for c in range(1, C):
+                counts[c] = counts[0]
+    else:
+        with nogil:
+            _moments_nc(x, so, sc, nc_grid(outer, inner), C, counts, mean, m2, parts, n_threads)
+
+
+def moments(cnp.ndarray x3, cnp.ndarray mean, cnp.ndarray m2, int n_threads):
+    """Per-channel count, mean and M2 (sum of squared deviations) of x3.
+
+    x3: validated (outer, C, inner) view. mean, m2: preallocated float64 (C,).
+    Returns the count (elements per channel)."""
+    cdef idx C = x3.shape[1]
+    cdef cnp.ndarray counts = np.zeros(max(C, 1), dtype=np.float64)
+    cdef cnp.ndarray parts = np.empty(max(_moments_work_size(x3, n_threads), 1), dtype=np.float64)
+    cdef void* p = cnp.PyArray_DATA(x3)
+    cdef int code = _dtype_code(x3)
+    if code == 0:
+        _moments_any[float](<const float*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), n_threads)
+    elif code == 1:
+        _moments_any[double](<const double*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), n_threads)
+    elif code == 2:
+        _moments_any[half](<const half*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), n_threads)
+    else:
+        _moments_any[bf16](<const bf16*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), n_threads)
+    return x3.shape[0] * x3.shape[2]
+
+
+cdef int _dtype_code(cnp.ndarray a):
+    cdef int num = cnp.PyArray_TYPE(a)
+    if num == cnp.NPY_FLOAT32:
+        return 0
+    if num == cnp.NPY_FLOAT64:
+        return 1
+    if num == cnp.NPY_FLOAT16:
+        return 2
+    return 3  # bfloat16 (ml_dtypes), admitted by the Python layer only
+
+
+# --------------------------------------------------------------- forward passes
+
+cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
+                         const double* weight, const double* bias, double eps,
+                         double* mean, double* var, double* invstd, double* parts,
+                         double* consts, int n_threads) noexcept:
+    cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
+    cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
+    cdef idx soy = _stride(y3, 0), scy = _stride(y3, 1)
+    cdef NCGrid g
+    cdef NLCGrid gl
+    cdef Moments m
+    cdef idx c, k, w
+    cdef double count
+    with nogil:
+        if inner == 1:
+            gl = nlc_grid(outer, C)
+            _moments_nlc(x, sox, gl, &count, mean, var, parts, n_threads)
+            for c in range(C):
+                invstd[c] = invstd_of(count, var[c], eps)
+                var[c] = var[c] / count
+                parts[c] = weight[c] * invstd[c]
+            prepare_channel_constants(x, C, mean, parts, bias, NULL, consts)
+            for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
+                normalize_nlc(x, y, sox, soy, C, k * gl.chunk_rows, _rows_end(gl, k), consts)
+            return
+        g = nc_grid(outer, inner)
+        if not _split_channels(C, g.n_chunks, n_threads):
+            for c in prange(C, schedule='static', num_threads=n_threads):
+                m = train_forward_channel_nc(x + c * scx, y + c * scy, sox, soy, g,
+                                                     weight[c], bias[c], eps, &invstd[c])
+                mean[c] = m.mean
+                var[c] = m.m2 / m.n
+            return
+        _moments_nc(x, sox, scx, g, C, invstd, mean, var, parts, n_threads)
+        for c in range(C):
+            count = invstd[c]
+            invstd[c] = invstd_of(count, var[c], eps)
+            var[c] = var[c] / count
+        for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
+            c = w // g.n_chunks
+            normalize_nc(x + c * scx, y + c * scy, sox, soy, nc_chunk(g, w % g.n_chunks),
+                                 mean[c], weight[c] * invstd[c], bias[c])
+
+
+def train_forward(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray weight, cnp.ndarray bias,
+                  double eps, cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,
+                  int n_threads):
+    """Fused training forward: batch statistics, then y = (x-mean)*invstd*weight + bias.
+
+    x3, y3: validated (outer, C, inner) views (y3 may be x3 itself). weight, bias:
+    float64 (C,). OUT mean, var (biased), invstd: float64 (C,)."""
+    cdef idx C = x3.shape[1]
+    cdef cnp.ndarray parts = np.empty(max(_moments_work_size(x3, n_threads), C, 1), dtype=np.float64)
+    cdef cnp.ndarray consts = np.empty(max(5 * C, 1), dtype=np.float64)
+    cdef void* px = cnp.PyArray_DATA(x3)
+    cdef void* py = cnp.PyArray_DATA(y3)
+    cdef int code = _dtype_code(x3)
+    if code == 0:
+        _train_forward[float](<const float*> px, <float*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
+                              _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), n_threads)
+    elif code == 1:
+        _train_forward[double](<const double*> px, <double*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
+                               _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), n_threads)
+    elif code == 2:
+        _train_forward[half](<const half*> px, <half*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
+                             _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), n_threads)
+    else:
+        _train_forward[bf16](<const bf16*> px, <bf16*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
+                             _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), n_threads)
+
+
+cdef void _normalize(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
+                     const double* mean, const double* scale, const double* shift,
+                     double* consts, int n_threads) noexcept:
+    cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
+    cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
+    cdef idx soy = _stride(y3, 0), scy = _stride(y3, 1)
+    cdef NCGrid g
+    cdef NLCGrid gl
+    cdef idx c, k, w
+    with nogil:
+        if inner == 1:
+            gl = nlc_grid(outer, C)
+            prepare_channel_constants(x, C, mean, scale, shift, NULL, consts)
+            for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
+                normalize_nlc(x, y, sox, soy, C, k * gl.chunk_rows, _rows_end(gl, k), consts)
+            return
+        g = nc_grid(outer, inner)
+        for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
+            c = w // g.n_chunks
+            normalize_nc(x + c * scx, y + c * scy, sox, soy, nc_chunk(g, w % g.n_chunks),
+                                 mean[c], scale[c], shift[c])
+
+
+def normalize(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray mean, cnp.ndarray scale,
+              cnp.ndarray shift, int n_threads):
+    """Elementwise y = (x - mean) * scale + shift with given float64 (C,) constants
+    (inference forward: scale = weight/sqrt(running_var + eps))."""
+    cdef idx C = x3.shape[1]
+    cdef cnp.ndarray consts = np.empty(max(5 * C, 1), dtype=np.float64)
+    cdef void* px = cnp.PyArray_DATA(x3)
+    cdef void* py = cnp.PyArray_DATA(y3)
+    cdef int code = _dtype_code(x3)
+    if code == 0:
+        _normalize[float](<const float*> px, <float*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), n_threads)
+    elif code == 1:
+        _normalize[double](<const double*> px, <double*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), n_threads)
+    elif code == 2:
+        _normalize[half](<const half*> px, <half*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), n_threads)
+    else:
+        _normalize[bf16](<const bf16*> px, <bf16*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), n_threads)
+
+
+# --------------------------------------------------------------------- backward
+
+cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray dy3,
+                    cnp.ndarray x3, cnp.ndarray dx3, const double* mean, const double* invstd,
+                    const double* weight, bint frozen, double* sdy, double* sxmu,
+                    double* parts, double* consts, int n_threads) noexcept:
+    cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
+    cdef idx sog = _stride(dy3, 0), scg = _stride(dy3, 1)
+    cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
+    cdef idx sod = _stride(dx3, 0), scd = _stride(dx3, 1)
+    cdef double m = <double> (outer * inner)
+    cdef NCGrid g
+    cdef NLCGrid gl
+    cdef Sums t
+    cdef idx c, k, w
+    cdef double* pd
+    cdef double* pq
+    cdef double* ka = consts + 5 * C
+    cdef double* kb = ka + C
+    cdef double* kc = kb + C
+    with nogil:
+        if inner == 1:
+            gl = nlc_grid(outer, C)
+            pd = parts
+            pq = parts + C * gl.n_chunks
+            for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
+                chunk_sums_nlc(dy, x, sog, sox, C, k * gl.chunk_rows, _rows_end(gl, k),
+                                       mean, pd + k * C, pq + k * C)
+            for c in range(C):
+                t.dy = 0
+                t.dy_xmu = 0
+                for k in range(gl.n_chunks):
+                    t.dy += pd[k * C + c]
+                    t.dy_xmu += pq[k * C + c]
+                sdy[c] = t.dy
+                sxmu[c] = t.dy_xmu
+                backward_coefficients(t, invstd[c], weight[c], m, frozen, &ka[c], &kb[c], &kc[c])
+            prepare_channel_constants(x, C, mean, ka, kb, kc, consts)
+            for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
+                backward_elementwise_nlc(dy, x, dx, sog, sox, sod, C, k * gl.chunk_rows,
+                                                 _rows_end(gl, k), consts, frozen)
+            return
+        g = nc_grid(outer, inner)
+        if not _split_channels(C, g.n_chunks, n_threads):
+            for c in prange(C, schedule='static', num_threads=n_threads):
+                t = backward_channel_nc(dy + c * scg, x + c * scx, dx + c * scd, sog, sox,
+                                                sod, g, mean[c], invstd[c], weight[c], frozen)
+                sdy[c] = t.dy
+                sxmu[c] = t.dy_xmu
+            return
+        for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
+            c = w // g.n_chunks
+            t = chunk_sums_nc(dy + c * scg, x + c * scx, sog, sox,
+                                      nc_chunk(g, w % g.n_chunks), mean[c])
+            parts[2 * w] = t.dy
+            parts[2 * w + 1] = t.dy_xmu
+        for c in range(C):
+            t.dy = 0
+            t.dy_xmu = 0
+            for k in range(g.n_chunks):
+                w = c * g.n_chunks + k
+                t.dy += parts[2 * w]
+                t.dy_xmu += parts[2 * w + 1]
+            sdy[c] = t.dy
+            sxmu[c] = t.dy_xmu
+            backward_coefficients(t, invstd[c], weight[c], m, frozen, &ka[c], &kb[c], &kc[c])
+        for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
+            c = w // g.n_chunks
+            backward_elementwise_nc(dy + c * scg, x + c * scx, dx + c * scd, sog, sox, sod,
+                                            nc_chunk(g, w % g.n_chunks), ka[c], kb[c], kc[c],
+                                            mean[c], frozen)
+
+
+def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
+             cnp.ndarray invstd, cnp.ndarray weight, bint frozen, cnp.ndarray sdy,
+             cnp.ndarray sxmu, int n_threads):
+    """Fused backward. IN dy3, x3 (validated views of one shape), mean, invstd, weight:
+    float64 (C,). OUT dx3 (may be dy3), sdy = sum(dy), sxmu = sum(dy*(x-mean)) (C,).
+    frozen: statistics are constants (inference-mode backward, dx = dy*weight*invstd)."""
+    cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
+    cdef idx n_parts = 2 * C * (nlc_grid(outer, C).n_chunks if inner == 1 else nc_grid(outer, inner).n_chunks)
+    cdef cnp.ndarray parts = np.empty(max(n_parts, 1), dtype=np.float64)
+    cdef cnp.ndarray consts = np.empty(max(8 * C, 1), dtype=np.float64)
+    cdef void* pg = cnp.PyArray_DATA(dy3)
+    cdef void* px = cnp.PyArray_DATA(x3)
+    cdef void* pd = cnp.PyArray_DATA(dx3)
+    cdef int code = _dtype_code(dy3)
+    if code == 0:
+        _backward[float](<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
+                         _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), n_threads)
+    elif code == 1:
+        _backward[double](<const double*> pg, <const double*> px, <double*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
+                          _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), n_threads)
+    elif code == 2:
+        _backward[half](<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
+                        _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), n_threads)
+    else:
+        _backward[bf16](<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
+                        _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), n_threads)

@@ -1,0 +1,542 @@
+// Per-channel batch-norm kernels for fastbn's CPU core.
+//
+// Every function here works on one channel (or one fixed chunk of one channel, or one
+// chunk of rows in the channels-last layout) and is called from Cython prange loops in
+// _bn_cpu.pyx, with the GIL released. Nothing here allocates, checks arguments or
+// touches Python objects: the Python layer validated everything before.
+//
+// Layouts (see DESIGN.md): the array is the 3-D view (outer, C, inner).
+//   "nc"  kernels: inner > 1, the inner axis is contiguous; a channel is `outer` rows of
+//         `inner` elements, row r of channel c starting at x + c*sc + r*so.
+//   "nlc" kernels: inner == 1 (channels-last); a row holds all C channels contiguously,
+//         row r starting at x + r*sr, and loops vectorize across channels.
+//
+// Determinism: the reduction over a channel is split into chunks whose bounds depend
+// only on the shape (never on the thread count); chunk partials are always folded in
+// chunk order with the same merge. Whether one thread walks a whole channel or many
+// threads compute chunks that are folded afterwards, the bits are the same.
+//
+// Accuracy: statistics accumulate in double. Inside a chunk the data is walked in
+// cache-sized blocks: a block's mean and M2 come from two passes over the block while it
+// sits in L1 (exact shifted sums), and blocks merge with Chan's formula. Elementwise
+// passes compute in float for float32/float16/bfloat16 and subtract the mean as a
+// (hi, lo) float pair, so y keeps float accuracy even when |mean| >> std.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+// Runtime ISA dispatch: GCC emits an AVX-512, an AVX2 and a baseline x86-64 version of
+// each hot function and picks one at load time (ifunc), so one wheel runs on any x86-64.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(FASTBN_NO_TARGET_CLONES)
+#define FASTBN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTBN_CLONES
+#endif
+#define FASTBN_INLINE inline __attribute__((always_inline))
+
+namespace fastbn {
+
+typedef std::ptrdiff_t idx;
+
+// Elements per cache block (two passes over a block hit L1) and per chunk (the unit of
+// parallel work and of the fixed reduction order).
+static const idx BLOCK = 2048;
+static const idx CHUNK = 32768;
+static const int LANES = 8;
+
+#if defined(__FLT16_MAX__)
+typedef _Float16 half;
+#define FASTBN_HAVE_HALF 1
+#else
+struct half { uint16_t bits; };  // placeholder: float16 is rejected at Python level
+#define FASTBN_HAVE_HALF 0
+#endif
+struct bf16 { uint16_t bits; };
+
+// Compute type of the elementwise passes: double for double data, float otherwise.
+template <class T> struct compute_of { typedef float type; };
+template <> struct compute_of<double> { typedef double type; };
+
+FASTBN_INLINE float to_compute(float v) { return v; }
+FASTBN_INLINE double to_compute(double v) { return v; }
+#if FASTBN_HAVE_HALF
+FASTBN_INLINE float to_compute(half v) { return (float)v; }
+FASTBN_INLINE void store(half* p, float v) { *p = (half)v; }
+#endif
+FASTBN_INLINE float to_compute(bf16 v) {
+    uint32_t u = (uint32_t)v.bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+FASTBN_INLINE void store(float* p, float v) { *p = v; }
+FASTBN_INLINE void store(double* p, double v) { *p = v; }
+FASTBN_INLINE void store(bf16* p, float v) {
+    // round to nearest even; NaN stays a (quiet) NaN
+    uint32_t u;
+    std::memcpy(&u, &v, 4);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    uint32_t quiet_nan = (u >> 16) | 0x40u;
+    p->bits = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+template <class T> FASTBN_INLINE double to_double(T v) { return (double)to_compute(v); }
+
+// ---------------------------------------------------------------- moments and merging
+struct Moments {
+    double n, mean, m2;
+};
+
+// Chan's merge of (nb, mb, m2b) into a. Python's Moments.merge uses the same expression
+// order, so partials merged there and here agree bit for bit.
+FASTBN_INLINE void merge_into(Moments& a, double nb, double mb, double m2b) {
+    if (nb == 0) return;
+    if (a.n == 0) {
+        a.n = nb; a.mean = mb; a.m2 = m2b;
+        return;
+    }
+    double n = a.n + nb;
+    double d = mb - a.mean;
+    a.mean = a.mean + d * (nb / n);
+    a.m2 = a.m2 + (m2b + (d * d) * (a.n * nb / n));
+    a.n = n;
+}
+
+FASTBN_INLINE double lane_total(const double* acc) {
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+template <class T> FASTBN_INLINE void add_sum(const T* p, idx n, double* acc) {
+    idx i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; ++j) acc[j] += to_double(p[i + j]);
+    for (int j = 0; i + j < n; ++j) acc[j] += to_double(p[i + j]);
+}
+
+template <class T> FASTBN_INLINE void add_sq_dev(const T* p, idx n, double mean, double* acc) {
+    idx i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; ++j) {
+            double d = to_double(p[i + j]) - mean;
+            acc[j] += d * d;
+        }
+    for (int j = 0; i + j < n; ++j) {
+        double d = to_double(p[i + j]) - mean;
+        acc[j] += d * d;
+    }
+}
+
+// Moments of rows x rows [i0, i1): two passes while the block is in L1.
+template <class T>
+FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0, idx i1) {
+    double acc[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (idx r = 0; r < rows; ++r) add_sum(x + r * so + i0, i1 - i0, acc);
+    double count = (double)(rows * (i1 - i0));
+    double mean = lane_total(acc) / count;
+    double acc2[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (idx r = 0; r < rows; ++r) add_sq_dev(x + r * so + i0, i1 - i0, mean, acc2);
+    merge_into(m, count, mean, lane_total(acc2));
+}
+
+// ------------------------------------------------------------------ nc chunk geometry
+struct NCGrid {
+    idx outer, inner, rows_per_chunk, seg_len, segs_per_row, n_chunks;
+};
+
+inline NCGrid nc_grid(idx outer, idx inner) {
+    NCGrid g;
+    g.outer = outer;
+    g.inner = inner;
+    if (outer == 0 || inner == 0) {
+        g.rows_per_chunk = 1; g.seg_len = 1; g.segs_per_row = 0; g.n_chunks = 0;
+    } else if (inner >= CHUNK) {
+        g.rows_per_chunk = 1;
+        g.seg_len = CHUNK;
+        g.segs_per_row = (inner + CHUNK - 1) / CHUNK;
+        g.n_chunks = outer * g.segs_per_row;
+    } else {
+        g.rows_per_chunk = CHUNK / inner;
+        g.seg_len = inner;
+        g.segs_per_row = 1;
+        g.n_chunks = (outer + g.rows_per_chunk - 1) / g.rows_per_chunk;
+    }
+    return g;
+}
+
+struct Span {
+    idx r0, r1, i0, i1;
+};
+
+inline Span nc_chunk(const NCGrid& g, idx k) {
+    Span s;
+    if (g.segs_per_row > 1 || g.inner >= CHUNK) {
+        idx r = k / g.segs_per_row, seg = k % g.segs_per_row;
+        s.r0 = r; s.r1 = r + 1;
+        s.i0 = seg * g.seg_len;
+        s.i1 = s.i0 + g.seg_len < g.inner ? s.i0 + g.seg_len : g.inner;
+    } else {
+        s.r0 = k * g.rows_per_chunk;
+        s.r1 = s.r0 + g.rows_per_chunk < g.outer ? s.r0 + g.rows_per_chunk : g.outer;
+        s.i0 = 0; s.i1 = g.inner;
+    }
+    return s;
+}
+
+// ---------------------------------------------------------------- nc statistics
+template <class T> FASTBN_INLINE Moments chunk_moments_nc_impl(const T* xc, idx so, Span s) {
+    Moments m = {0, 0, 0};
+    idx len = s.i1 - s.i0;
+    if (len >= BLOCK) {
+        for (idx r = s.r0; r < s.r1; ++r)
+            for (idx i = s.i0; i < s.i1; i += BLOCK)
+                merge_block(m, xc + r * so, so, 1, i, i + BLOCK < s.i1 ? i + BLOCK : s.i1);
+    } else {
+        idx rows_per_block = BLOCK / len;
+        for (idx r = s.r0; r < s.r1; r += rows_per_block)
+            merge_block(m, xc + r * so, so, r + rows_per_block < s.r1 ? rows_per_block : s.r1 - r,
+                        s.i0, s.i1);
+    }
+    return m;
+}
+
+template <class T> FASTBN_CLONES Moments chunk_moments_nc(const T* xc, idx so, Span s) {
+    return chunk_moments_nc_impl(xc, so, s);
+}
+
+// 1/sqrt(var + eps) with var = m2/n; the one expression every path uses.
+FASTBN_INLINE double invstd_of(double n, double m2, double eps) { return 1.0 / std::sqrt(m2 / n + eps); }
+
+// The whole channel: chunk partials folded in chunk order.
+template <class T> FASTBN_CLONES Moments channel_moments_nc(const T* xc, idx so, NCGrid g) {
+    Moments m = {0, 0, 0};
+    for (idx k = 0; k < g.n_chunks; ++k) {
+        Moments p = chunk_moments_nc_impl(xc, so, nc_chunk(g, k));
+        merge_into(m, p.n, p.mean, p.m2);
+    }
+    return m;
+}
+
+// ---------------------------------------------------------------- nc elementwise
+// y = ((x - mean_hi) - mean_lo) * scale + shift, computed in the compute type.
+template <class T> struct Affine {
+    typedef typename compute_of<T>::type CT;
+    CT mean_hi, mean_lo, scale, shift;
+    Affine(double mean, double scale_, double shift_) {
+        mean_hi = (CT)mean;
+        mean_lo = (CT)(mean - (double)mean_hi);
+        scale = (CT)scale_;
+        shift = (CT)shift_;
+    }
+};
+
+template <class T>
+FASTBN_INLINE void normalize_span_nc(const T* xc, T* yc, idx sox, idx soy, Span s, const Affine<T>& a) {
+    typedef typename compute_of<T>::type CT;
+    for (idx r = s.r0; r < s.r1; ++r) {
+        const T* xr = xc + r * sox;
+        T* yr = yc + r * soy;
+        for (idx i = s.i0; i < s.i1; ++i) {
+            CT v = ((to_compute(xr[i]) - a.mean_hi) - a.mean_lo) * a.scale + a.shift;
+            store(yr + i, v);
+        }
+    }
+}
+
+template <class T>
+FASTBN_CLONES void normalize_nc(const T* xc, T* yc, idx sox, idx soy, Span s, double mean, double scale,
+                                double shift) {
+    normalize_span_nc(xc, yc, sox, soy, s, Affine<T>(mean, scale, shift));
+}
+
+// Fused training forward of one channel: statistics (reading the channel once from
+// memory), then normalize it while it is still in cache. Returns the moments.
+template <class T>
+FASTBN_CLONES Moments train_forward_channel_nc(const T* xc, T* yc, idx sox, idx soy, NCGrid g, double weight,
+                                               double bias, double eps, double* invstd_out) {
+    Moments m = {0, 0, 0};
+    for (idx k = 0; k < g.n_chunks; ++k) {
+        Moments p = chunk_moments_nc_impl(xc, sox, nc_chunk(g, k));
+        merge_into(m, p.n, p.mean, p.m2);
+    }
+    double invstd = invstd_of(m.n, m.m2, eps);
+    *invstd_out = invstd;
+    Affine<T> a(m.mean, weight * invstd, bias);
+    for (idx k = 0; k < g.n_chunks; ++k) normalize_span_nc(xc, yc, sox, soy, nc_chunk(g, k), a);
+    return m;
+}
+
+// ---------------------------------------------------------------- nc backward
+struct Sums {
+    double dy, dy_xmu;  // sum(dy), sum(dy * (x - mean))
+};
+
+template <class T>
+FASTBN_INLINE Sums chunk_sums_nc_impl(const T* dyc, const T* xc, idx sody, idx sox, Span s, double mean) {
+    double a1[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double a2[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+    idx n = s.i1 - s.i0;
+    for (idx r = s.r0; r < s.r1; ++r) {
+        const T* g = dyc + r * sody + s.i0;
+        const T* x = xc + r * sox + s.i0;
+        idx i = 0;
+        for (; i + LANES <= n; i += LANES)
+            for (int j = 0; j < LANES; ++j) {
+                double gv = to_double(g[i + j]);
+                a1[j] += gv;
+                a2[j] += gv * (to_double(x[i + j]) - mean);
+            }
+        for (int j = 0; i + j < n; ++j) {
+            double gv = to_double(g[i + j]);
+            a1[j] += gv;
+            a2[j] += gv * (to_double(x[i + j]) - mean);
+        }
+    }
+    Sums out = {lane_total(a1), lane_total(a2)};
+    return out;
+}
+
+template <class T>
+FASTBN_CLONES Sums chunk_sums_nc(const T* dyc, const T* xc, idx sody, idx sox, Span s, double mean) {
+    return chunk_sums_nc_impl(dyc, xc, sody, sox, s, mean);
+}
+
+// dx = A*dy + B*(x - mean) + Cc  (training), or dx = A*dy (frozen statistics: B = Cc = 0,
+// x not read).
+template <class T> struct BackwardCoef {
+    typedef typename compute_of<T>::type CT;
+    CT a, b, c, mean_hi, mean_lo;
+    BackwardCoef(double a_, double b_, double c_, double mean) {
+        a = (CT)a_; b = (CT)b_; c = (CT)c_;
+        mean_hi = (CT)mean;
+        mean_lo = (CT)(mean - (double)mean_hi);
+    }
+};
+
+template <class T>
+FASTBN_INLINE void backward_span_nc(const T* dyc, const T* xc, T* dxc, idx sody, idx sox, idx sodx, Span s,
+                                    const BackwardCoef<T>& k, bool frozen) {
+    typedef typename compute_of<T>::type CT;
+    for (idx r = s.r0; r < s.r1; ++r) {
+        const T* g = dyc + r * sody;
+        T* d = dxc + r * sodx;
+        if (frozen) {
+            for (idx i = s.i0; i < s.i1; ++i) store(d + i, to_compute(g[i]) * k.a);
+        } else {
+            const T* x = xc + r * sox;
+            for (idx i = s.i0; i < s.i1; ++i) {
+                CT xm = (to_compute(x[i]) - k.mean_hi) - k.mean_lo;
+                store(d + i, (to_compute(g[i]) * k.a + xm * k.b) + k.c);
+            }
+        }
+    }
+}
+
+template <class T>
+FASTBN_CLONES void backward_elementwise_nc(const T* dyc, const T* xc, T* dxc, idx sody, idx sox, idx sodx,
+                                           Span s, double a, double b, double c, double mean, bool frozen) {
+    backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, BackwardCoef<T>(a, b, c, mean), frozen);
+}
+
+// Coefficients of dx from the channel's sums (DESIGN.md):
+//   dx = w*invstd/m * (m*dy - sum_dy - xhat*dweight), xhat = (x-mean)*invstd,
+//   dweight = invstd * sum_dy_xmu.
+FASTBN_INLINE void backward_coefficients(Sums t, double invstd, double weight, double m, bool frozen,
+                                         double* a, double* b, double* c) {
+    *a = weight * invstd;
+    if (frozen) {
+        *b = 0; *c = 0;
+        return;
+    }
+    double dweight = invstd * t.dy_xmu;
+    *b = -(*a) * invstd * dweight / m;
+    *c = -(*a) * t.dy / m;
+}
+
+// Fused backward of one channel: the reduction pass, then dx while the channel is still
+// in cache. With frozen statistics dx does not depend on the sums, so each chunk's sums
+// and dx are produced together.
+template <class T>
+FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx sody, idx sox, idx sodx, NCGrid g,
+                                       double mean, double invstd, double weight, bool frozen) {
+    Sums t = {0, 0};
+    double a, b, c;
+    if (frozen) {
+        backward_coefficients(t, invstd, weight, 0, true, &a, &b, &c);
+        BackwardCoef<T> k(a, b, c, mean);
+        for (idx ch = 0; ch < g.n_chunks; ++ch) {
+            Span s = nc_chunk(g, ch);
+            Sums p = chunk_sums_nc_impl(dyc, xc, sody, sox, s, mean);
+            t.dy += p.dy; t.dy_xmu += p.dy_xmu;
+            backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, k, true);
+        }
+        return t;
+    }
+    for (idx ch = 0; ch < g.n_chunks; ++ch) {
+        Sums p = chunk_sums_nc_impl(dyc, xc, sody, sox, nc_chunk(g, ch), mean);
+        t.dy += p.dy; t.dy_xmu += p.dy_xmu;
+    }
+    backward_coefficients(t, invstd, weight, (double)(g.outer * g.inner), false, &a, &b, &c);
+    BackwardCoef<T> k(a, b, c, mean);
+    for (idx ch = 0; ch < g.n_chunks; ++ch)
+        backward_span_nc(dyc, xc, dxc, sody, sox, sodx, nc_chunk(g, ch), k, false);
+    return t;
+}
+
+// ---------------------------------------------------------------- nlc (channels-last)
+struct NLCGrid {
+    idx rows, channels, block_rows, chunk_rows, n_chunks;
+};
+
+inline NLCGrid nlc_grid(idx rows, idx channels) {
+    NLCGrid g;
+    g.rows = rows;
+    g.channels = channels;
+    g.block_rows = channels >= BLOCK ? 1 : BLOCK / channels;
+    idx per_chunk = channels >= CHUNK ? 1 : CHUNK / channels;
+    g.chunk_rows = per_chunk <= g.block_rows ? g.block_rows : (per_chunk / g.block_rows) * g.block_rows;
+    g.n_chunks = (rows == 0 || channels == 0) ? 0 : (rows + g.chunk_rows - 1) / g.chunk_rows;
+    return g;
+}
+
+// Moments of rows [r0, r1) for every channel: per block of rows, the block mean and M2
+// (two passes over the block in L1), merged into (mean, m2) with the block's count.
+// bmean/bm2 are caller-provided scratch of C doubles. Returns the count.
+template <class T>
+FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean, double* m2,
+                                       double* bmean, double* bm2) {
+    const idx C = g.channels;
+    double n_acc = 0;
+    for (idx r = r0; r < r1; r += g.block_rows) {
+        idx nb_rows = r + g.block_rows < r1 ? g.block_rows : r1 - r;
+        double nb = (double)nb_rows;
+        for (idx c = 0; c < C; ++c) bmean[c] = 0;
+        for (idx rr = r; rr < r + nb_rows; ++rr) {
+            const T* xr = x + rr * sr;
+            for (idx c = 0; c < C; ++c) bmean[c] += to_double(xr[c]);
+        }
+        for (idx c = 0; c < C; ++c) { bmean[c] = bmean[c] / nb; bm2[c] = 0; }
+        for (idx rr = r; rr < r + nb_rows; ++rr) {
+            const T* xr = x + rr * sr;
+            for (idx c = 0; c < C; ++c) {
+                double d = to_double(xr[c]) - bmean[c];
+                bm2[c] += d * d;
+            }
+        }
+        if (n_acc == 0) {
+            for (idx c = 0; c < C; ++c) { mean[c] = bmean[c]; m2[c] = bm2[c]; }
+        } else {
+            // merge_into, vectorized across channels (the counts are shared)
+            double n = n_acc + nb, f = nb / n, w = n_acc * nb / n;
+            for (idx c = 0; c < C; ++c) {
+                double d = bmean[c] - mean[c];
+                mean[c] = mean[c] + d * f;
+                m2[c] = m2[c] + (bm2[c] + (d * d) * w);
+            }
+        }
+        n_acc += nb;
+    }
+    return n_acc;
+}
+
+// Fold chunk partials (chunk k at mean + k*C) in chunk order into out_mean/out_m2.
+inline double merge_chunks_nlc(idx n_chunks, idx C, const double* counts, const double* means,
+                               const double* m2s, double* out_mean, double* out_m2) {
+    double n_acc = 0;
+    for (idx k = 0; k < n_chunks; ++k) {
+        double nb = counts[k];
+        const double* bm = means + k * C;
+        const double* bq = m2s + k * C;
+        if (nb == 0) continue;
+        if (n_acc == 0) {
+            for (idx c = 0; c < C; ++c) { out_mean[c] = bm[c]; out_m2[c] = bq[c]; }
+        } else {
+            double n = n_acc + nb, f = nb / n, w = n_acc * nb / n;
+            for (idx c = 0; c < C; ++c) {
+                double d = bm[c] - out_mean[c];
+                out_mean[c] = out_mean[c] + d * f;
+                out_m2[c] = out_m2[c] + (bq[c] + (d * d) * w);
+            }
+        }
+        n_acc += nb;
+    }
+    return n_acc;
+}
+
+// Per-channel constants of the elementwise passes, converted once to the compute type.
+// `buf` holds 5*C compute-type values: mean_hi, mean_lo, p0, p1, p2.
+template <class T>
+void prepare_channel_constants(const T* /*dtype_tag*/, idx C, const double* mean, const double* p0, const double* p1, const double* p2,
+                               void* buf) {
+    typedef typename compute_of<T>::type CT;
+    CT* out = (CT*)buf;
+    for (idx c = 0; c < C; ++c) {
+        CT hi = (CT)mean[c];
+        out[c] = hi;
+        out[C + c] = (CT)(mean[c] - (double)hi);
+        out[2 * C + c] = (CT)p0[c];
+        out[3 * C + c] = (CT)p1[c];
+        out[4 * C + c] = p2 ? (CT)p2[c] : (CT)0;
+    }
+}
+
+// y = ((x - mean_hi) - mean_lo) * scale + shift over rows [r0, r1); constants from
+// prepare_channel_constants(mean, scale, shift).
+template <class T>
+FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1, const void* buf) {
+    typedef typename compute_of<T>::type CT;
+    const CT* mh = (const CT*)buf;
+    const CT* ml = mh + C;
+    const CT* sc = mh + 2 * C;
+    const CT* sh = mh + 3 * C;
+    for (idx r = r0; r < r1; ++r) {
+        const T* xr = x + r * srx;
+        T* yr = y + r * sry;
+        for (idx c = 0; c < C; ++c) store(yr + c, ((to_compute(xr[c]) - mh[c]) - ml[c]) * sc[c] + sh[c]);
+    }
+}
+
+// Per-channel sum(dy) and sum(dy*(x-mean)) over rows [r0, r1), written to sdy/sxmu.
+template <class T>
+FASTBN_CLONES void chunk_sums_nlc(const T* dy, const T* x, idx srdy, idx srx, idx C, idx r0, idx r1,
+                                  const double* mean, double* sdy, double* sxmu) {
+    for (idx c = 0; c < C; ++c) { sdy[c] = 0; sxmu[c] = 0; }
+    for (idx r = r0; r < r1; ++r) {
+        const T* g = dy + r * srdy;
+        const T* xr = x + r * srx;
+        for (idx c = 0; c < C; ++c) {
+            double gv = to_double(g[c]);
+            sdy[c] += gv;
+            sxmu[c] += gv * (to_double(xr[c]) - mean[c]);
+        }
+    }
+}
+
+// dx over rows [r0, r1); constants from prepare_channel_constants(mean, a, b, c).
+template <class T>
+FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx srdy, idx srx, idx srdx, idx C,
+                                            idx r0, idx r1, const void* buf, bool frozen) {
+    typedef typename compute_of<T>::type CT;
+    const CT* mh = (const CT*)buf;
+    const CT* ml = mh + C;
+    const CT* ka = mh + 2 * C;
+    const CT* kb = mh + 3 * C;
+    const CT* kc = mh + 4 * C;
+    for (idx r = r0; r < r1; ++r) {
+        const T* g = dy + r * srdy;
+        T* d = dx + r * srdx;
+        if (frozen) {
+            for (idx c = 0; c < C; ++c) store(d + c, to_compute(g[c]) * ka[c]);
+        } else {
+            const T* xr = x + r * srx;
+            for (idx c = 0; c < C; ++c) {
+                CT xm = (to_compute(xr[c]) - mh[c]) - ml[c];
+                store(d + c, (to_compute(g[c]) * ka[c] + xm * kb[c]) + kc[c]);
+            }
+        }
+    }
+}
+
+}  // namespace fastbn
