@@ -1,0 +1,69 @@
+import contextlib
+import os
+
+import numpy as np
+import pytest
+
+import fastbn as fbn
+
+try:
+    import ml_dtypes
+    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # optional
+    BFLOAT16 = None
+
+DTYPES = [np.float16, np.float32, np.float64] + ([BFLOAT16] if BFLOAT16 is not None else [])
+
+# (atol, rtol) for data outputs (y, dx) per dtype; statistics use STAT_RTOL
+DATA_TOL = {
+    np.dtype(np.float64): (1e-12, 1e-12),
+    np.dtype(np.float32): (2e-6, 2e-6),
+    np.dtype(np.float16): (2e-3, 2e-3),
+}
+if BFLOAT16 is not None:
+    DATA_TOL[BFLOAT16] = (1.6e-2, 1.6e-2)
+STAT_RTOL = {np.dtype(np.float64): 1e-12}  # float32 statistics otherwise
+
+
+def stat_rtol(dtype):
+    return STAT_RTOL.get(np.dtype(dtype), 2e-6)
+
+
+@contextlib.contextmanager
+def backend(name):
+    """Run fastbn calls on the named backend (FASTBN_BACKEND)."""
+    old = os.environ.get("FASTBN_BACKEND")
+    os.environ["FASTBN_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FASTBN_BACKEND"]
+        else:
+            os.environ["FASTBN_BACKEND"] = old
+
+
+def reference(fn, *args, **kwargs):
+    """fn(*args, **kwargs) on the pure-NumPy float64 reference backend."""
+    with backend("reference"):
+        return fn(*args, **kwargs)
+
+
+def assert_data_close(actual, expected, dtype=None):
+    dtype = np.dtype(dtype or expected.dtype)
+    atol, rtol = DATA_TOL[dtype]
+    a = np.asarray(actual).astype(np.float64)
+    e = np.asarray(expected).astype(np.float64)
+    scale = max(1.0, float(np.nanmax(np.abs(e)))) if e.size else 1.0
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=atol * scale)
+
+
+def make_data(shape, dtype, seed=0, loc=0.5, scale=2.0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(loc, scale, size=shape).astype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _reset_threads():
+    yield
+    fbn.set_num_threads(None)
