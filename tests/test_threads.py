@@ -1,0 +1,106 @@
+"""Results are bitwise independent of the thread count; the GIL is released; calls from
+many Python threads at once are safe."""
+import threading
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import fastbn as fbn
+from conftest import make_data
+
+# odd sizes; shapes with many chunks (so several threads share a channel) and few channels
+SHAPES = [((97, 3, 1001), 1), ((5, 2, 70001), 1), ((40000, 3), -1), ((64, 9, 101), 1),
+          ((8, 33, 17, 5), -1), ((3, 500, 7), 1)]
+
+
+def _all_outputs(x, axis):
+    C = x.shape[axis]
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=C), rng.normal(size=C)
+    rm, rv = np.zeros(C), np.ones(C)
+    y, mean, invstd = fbn.batch_norm_forward(x, w, b, rm, rv, axis=axis)
+    dy = make_data(x.shape, x.dtype, seed=1)
+    grads = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    frozen = fbn.batch_norm_backward(dy, x, rm, 1 / np.sqrt(rv + 1e-5), w, training=False, axis=axis)
+    y_eval = fbn.batch_norm(x, rm, rv, w, b, axis=axis)
+    m = fbn.welford(x, axis)
+    return [y, mean, invstd, rm, rv, *grads, *frozen, y_eval, m.mean, m.m2]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,axis", SHAPES)
+def test_n_threads_agnosticism(shape, axis, dtype):
+    """results do not depend on the number of threads (set_num_threads)"""
+    x = make_data(shape, dtype, loc=5.0)
+    fbn.set_num_threads(1)
+    expected = _all_outputs(x, axis)
+    for n in (2, 3, 4, 7):
+        fbn.set_num_threads(n)
+        for a, e in zip(_all_outputs(x, axis), expected):
+            np.testing.assert_array_equal(a, e)
+
+
+def test_threadpoolctl_limits_fastbn():
+    apis = {(i["user_api"], i.get("prefix")) for i in threadpool_info()}
+    assert any(api == "openmp" for api, _ in apis), apis
+    x = make_data((64, 3, 3001), np.float32)
+    full = _all_outputs(x, 1)
+    with threadpool_limits(limits=1, user_api="openmp"):
+        assert fbn.get_num_threads() == 1
+        limited = _all_outputs(x, 1)
+    for a, e in zip(limited, full):
+        np.testing.assert_array_equal(a, e)
+
+
+def test_set_num_threads_validation():
+    with pytest.raises(ValueError, match="positive"):
+        fbn.set_num_threads(0)
+    with pytest.raises(TypeError, match="positive int"):
+        fbn.set_num_threads(1.5)
+    fbn.set_num_threads(3)
+    assert fbn.get_num_threads() == 3
+    fbn.set_num_threads(None)
+    assert fbn.get_num_threads() >= 1
+
+
+def test_many_python_threads_at_once():
+    xs = [make_data((16, 8, 501), np.float32, seed=s) for s in range(8)]
+    expected = [_all_outputs(x, 1) for x in xs]
+    results = [None] * 24
+    errors = []
+
+    def work(i):
+        try:
+            results[i] = _all_outputs(xs[i % 8], 1)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, r in enumerate(results):
+        for a, e in zip(r, expected[i % 8]):
+            np.testing.assert_array_equal(a, e)
+
+
+def test_gil_is_released():
+    """The main thread keeps running while another thread is inside a long kernel."""
+    import time
+    x = make_data((64, 4, 200000), np.float32)
+    fbn.set_num_threads(1)
+    t0 = time.perf_counter()
+    fbn.moments(x)
+    call = time.perf_counter() - t0
+    worker = threading.Thread(target=lambda: [fbn.moments(x) for _ in range(3)])
+    stamps = []
+    worker.start()
+    while worker.is_alive():
+        stamps.append(time.perf_counter())
+    worker.join()
+    gaps = np.diff(stamps)
+    # holding the GIL through a call would stall this loop for a whole call
+    assert len(stamps) > 100 and gaps.max() < 0.5 * call, (gaps.max(), call)
