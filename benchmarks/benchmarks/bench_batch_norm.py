@@ -1,0 +1,48 @@
+"""asv: fastbn's CPU core per op, dtype, layout, shape and thread count."""
+import numpy as np
+
+import fastbn as fbn
+
+from .common import Benchmark, channel_axis, get_array
+
+SHAPES = ["32x64x56x56", "128x512x7x7", "16x32x8x8"]
+
+
+def _shape(text):
+    return tuple(int(v) for v in text.split("x"))
+
+
+class BatchNorm(Benchmark):
+    params = [SHAPES, ["float32", "float64"], ["nchw", "nhwc"], [1, 2]]
+    param_names = ["shape", "dtype", "layout", "n_threads"]
+
+    def setup(self, shape, dtype, layout, n_threads):
+        fbn.set_num_threads(n_threads)
+        self.axis = channel_axis(layout)
+        self.x = get_array(_shape(shape), dtype, layout)
+        self.dy = get_array(_shape(shape), dtype, layout) * 0.5
+        C = self.x.shape[self.axis]
+        self.rm, self.rv = np.zeros(C, dtype), np.ones(C, dtype)
+        self.w, self.b = np.ones(C, dtype), np.zeros(C, dtype)
+        self.out = np.empty_like(self.x)  # page faults paid here, not in the timing
+        _, self.mean, self.invstd = fbn.batch_norm_forward(self.x, axis=self.axis)
+
+    def teardown(self, *args):
+        fbn.set_num_threads(None)
+
+    def time_moments(self, *args):
+        fbn.moments(self.x, self.axis)
+
+    def time_training_forward(self, *args):
+        fbn.batch_norm_forward(self.x, self.w, self.b, self.rm, self.rv, axis=self.axis,
+                               out=self.out)
+
+    def time_inference_forward(self, *args):
+        fbn.batch_norm(self.x, self.rm, self.rv, self.w, self.b, axis=self.axis, out=self.out)
+
+    def time_backward(self, *args):
+        fbn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w,
+                                axis=self.axis, out=self.out)
+
+    def peakmem_training_forward(self, *args):
+        fbn.batch_norm_forward(self.x, self.w, self.b, self.rm, self.rv, axis=self.axis)
