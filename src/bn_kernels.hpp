@@ -46,7 +46,7 @@ typedef std::ptrdiff_t idx;
 // parallel work and of the fixed reduction order).
 static const idx BLOCK = 2048;
 static const idx CHUNK = 32768;
-static const int LANES = 8;
+static const int LANES = 32;
 
 #if defined(__FLT16_MAX__)
 typedef _Float16 half;
@@ -105,8 +105,13 @@ FASTBN_INLINE void merge_into(Moments& a, double nb, double mb, double m2b) {
     a.n = n;
 }
 
+// Pairwise sum of the lanes in a fixed order.
 FASTBN_INLINE double lane_total(const double* acc) {
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    double t[LANES];
+    for (int j = 0; j < LANES; ++j) t[j] = acc[j];
+    for (int width = LANES / 2; width >= 1; width /= 2)
+        for (int j = 0; j < width; ++j) t[j] = t[j] + t[j + width];
+    return t[0];
 }
 
 template <class T> FASTBN_INLINE void add_sum(const T* p, idx n, double* acc) {
@@ -132,11 +137,11 @@ template <class T> FASTBN_INLINE void add_sq_dev(const T* p, idx n, double mean,
 // Moments of rows x rows [i0, i1): two passes while the block is in L1.
 template <class T>
 FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0, idx i1) {
-    double acc[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double acc[LANES] = {};
     for (idx r = 0; r < rows; ++r) add_sum(x + r * so + i0, i1 - i0, acc);
     double count = (double)(rows * (i1 - i0));
     double mean = lane_total(acc) / count;
-    double acc2[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double acc2[LANES] = {};
     for (idx r = 0; r < rows; ++r) add_sq_dev(x + r * so + i0, i1 - i0, mean, acc2);
     merge_into(m, count, mean, lane_total(acc2));
 }
@@ -275,8 +280,8 @@ struct Sums {
 
 template <class T>
 FASTBN_INLINE Sums chunk_sums_nc_impl(const T* dyc, const T* xc, idx sody, idx sox, Span s, double mean) {
-    double a1[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
-    double a2[LANES] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double a1[LANES] = {};
+    double a2[LANES] = {};
     idx n = s.i1 - s.i0;
     for (idx r = s.r0; r < s.r1; ++r) {
         const T* g = dyc + r * sody + s.i0;
