@@ -41,6 +41,7 @@ def test_n_threads_agnosticism(shape, axis, dtype):
             np.testing.assert_array_equal(a, e)
 
 
+@pytest.mark.skipif(not fbn._openmp_enabled(), reason="core built without OpenMP")
 def test_threadpoolctl_limits_fastbn():
     apis = {(i["user_api"], i.get("prefix")) for i in threadpool_info()}
     assert any(api == "openmp" for api, _ in apis), apis
