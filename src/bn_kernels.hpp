@@ -406,6 +406,22 @@ inline NLCGrid nlc_grid(idx rows, idx channels) {
     return g;
 }
 
+// merge_into for every channel at once: (nb, bmean, bm2) into (n_acc, mean, m2). The
+// counts are shared by all channels, so the loop vectorizes.
+FASTBN_INLINE void merge_all_channels(idx C, double n_acc, double nb, const double* bmean, const double* bm2,
+                                      double* mean, double* m2) {
+    if (n_acc == 0) {
+        for (idx c = 0; c < C; ++c) { mean[c] = bmean[c]; m2[c] = bm2[c]; }
+        return;
+    }
+    double n = n_acc + nb, f = nb / n, w = n_acc * nb / n;
+    for (idx c = 0; c < C; ++c) {
+        double d = bmean[c] - mean[c];
+        mean[c] = mean[c] + d * f;
+        m2[c] = m2[c] + (bm2[c] + (d * d) * w);
+    }
+}
+
 // Moments of rows [r0, r1) for every channel: per block of rows, the block mean and M2
 // (two passes over the block in L1), merged into (mean, m2) with the block's count.
 // bmean/bm2 are caller-provided scratch of C doubles. Returns the count.
@@ -430,17 +446,7 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
                 bm2[c] += d * d;
             }
         }
-        if (n_acc == 0) {
-            for (idx c = 0; c < C; ++c) { mean[c] = bmean[c]; m2[c] = bm2[c]; }
-        } else {
-            // merge_into, vectorized across channels (the counts are shared)
-            double n = n_acc + nb, f = nb / n, w = n_acc * nb / n;
-            for (idx c = 0; c < C; ++c) {
-                double d = bmean[c] - mean[c];
-                mean[c] = mean[c] + d * f;
-                m2[c] = m2[c] + (bm2[c] + (d * d) * w);
-            }
-        }
+        merge_all_channels(C, n_acc, nb, bmean, bm2, mean, m2);
         n_acc += nb;
     }
     return n_acc;
@@ -455,16 +461,7 @@ inline double merge_chunks_nlc(idx n_chunks, idx C, const double* counts, const 
         const double* bm = means + k * C;
         const double* bq = m2s + k * C;
         if (nb == 0) continue;
-        if (n_acc == 0) {
-            for (idx c = 0; c < C; ++c) { out_mean[c] = bm[c]; out_m2[c] = bq[c]; }
-        } else {
-            double n = n_acc + nb, f = nb / n, w = n_acc * nb / n;
-            for (idx c = 0; c < C; ++c) {
-                double d = bm[c] - out_mean[c];
-                out_mean[c] = out_mean[c] + d * f;
-                out_m2[c] = out_m2[c] + (bq[c] + (d * d) * w);
-            }
-        }
+        merge_all_channels(C, n_acc, nb, bm, bq, out_mean, out_m2);
         n_acc += nb;
     }
     return n_acc;
