@@ -30,6 +30,18 @@ cdef extern from "bn_kernels.hpp":
 
 
 cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
+    ctypedef struct Epilogue:
+        const void* res
+        idx res_so
+        idx res_sc
+        bint relu
+    ctypedef struct Activation:
+        const void* y
+        idx y_so
+        idx y_sc
+        void* dres
+        idx dres_so
+        idx dres_sc
     ctypedef struct half:
         pass
     ctypedef struct bf16:
@@ -69,29 +81,30 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     Moments chunk_moments_nc[T](const T* xc, idx so, Span s)
     Moments channel_moments_nc[T](const T* xc, idx so, NCGrid g)
     void normalize_nc[T](const T* xc, T* yc, idx sox, idx soy, Span s, double mean,
-                         double scale, double shift)
+                         double scale, double shift, Epilogue e, idx c)
     Moments train_forward_channel_nc[T](const T* xc, T* yc, idx sox, idx soy, NCGrid g,
                                         double weight, double bias, double eps,
-                                        double* invstd_out)
-    Sums chunk_sums_nc[T](const T* dyc, const T* xc, idx sody, idx sox, Span s, double mean)
+                                        double* invstd_out, Epilogue e, idx c)
+    Sums chunk_sums_nc[T](const T* dyc, const T* xc, idx sody, idx sox, Span s, double mean,
+                          Activation act, idx c)
     void backward_elementwise_nc[T](const T* dyc, const T* xc, T* dxc, idx sody, idx sox,
                                     idx sodx, Span s, double a, double b, double c,
-                                    double mean, bint frozen)
+                                    double mean, bint frozen, Activation act, idx ch)
     Sums backward_channel_nc[T](const T* dyc, const T* xc, T* dxc, idx sody, idx sox,
                                 idx sodx, NCGrid g, double mean, double invstd,
-                                double weight, bint frozen)
+                                double weight, bint frozen, Activation act, idx c)
 
     double chunk_moments_nlc[T](const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean,
                                 double* m2, double* bmean, double* bm2)
     void prepare_channel_constants[T](const T* dtype_tag, idx C, const double* mean, const double* p0,
                                       const double* p1, const double* p2, void* buf)
     void normalize_nlc[T](const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1,
-                          const void* buf)
+                          const void* buf, Epilogue e)
     void chunk_sums_nlc[T](const T* dy, const T* x, idx srdy, idx srx, idx C, idx r0, idx r1,
-                           const double* mean, double* sdy, double* sxmu)
+                           const double* mean, double* sdy, double* sxmu, Activation act)
     void backward_elementwise_nlc[T](const T* dy, const T* x, T* dx, idx srdy, idx srx,
                                      idx srdx, idx C, idx r0, idx r1, const void* buf,
-                                     bint frozen)
+                                     bint frozen, Activation act)
 
 
 ctypedef fused data_t:
@@ -241,10 +254,44 @@ cdef int _dtype_code(cnp.ndarray a):
 
 # --------------------------------------------------------------- forward passes
 
+cdef Epilogue _epilogue(object res3, bint relu):
+    cdef Epilogue e
+    e.relu = relu
+    e.res = NULL
+    e.res_so = 0
+    e.res_sc = 0
+    if res3 is not None:
+        e.res = cnp.PyArray_DATA(res3)
+        e.res_so = _stride(res3, 0)
+        e.res_sc = _stride(res3, 1)
+    return e
+
+
+cdef Activation _activation(object y3, object dres3):
+    cdef Activation act
+    act.y = NULL
+    act.y_so = 0
+    act.y_sc = 0
+    act.dres = NULL
+    act.dres_so = 0
+    act.dres_sc = 0
+    if y3 is not None:
+        act.y = cnp.PyArray_DATA(y3)
+        act.y_so = _stride(y3, 0)
+        act.y_sc = _stride(y3, 1)
+    if dres3 is not None:
+        act.dres = cnp.PyArray_DATA(dres3)
+        act.dres_so = _stride(dres3, 0)
+        act.dres_sc = _stride(dres3, 1)
+    return act
+
+
+# --------------------------------------------------------------- forward passes
+
 cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
                          const double* weight, const double* bias, double eps,
                          double* mean, double* var, double* invstd, double* parts,
-                         double* consts, int n_threads) noexcept:
+                         double* consts, Epilogue e, int n_threads) noexcept:
     cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
     cdef idx soy = _stride(y3, 0), scy = _stride(y3, 1)
@@ -263,13 +310,13 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
                 parts[c] = weight[c] * invstd[c]
             prepare_channel_constants(x, C, mean, parts, bias, NULL, consts)
             for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
-                normalize_nlc(x, y, sox, soy, C, k * gl.chunk_rows, _rows_end(gl, k), consts)
+                normalize_nlc(x, y, sox, soy, C, k * gl.chunk_rows, _rows_end(gl, k), consts, e)
             return
         g = nc_grid(outer, inner)
         if not _split_channels(C, g.n_chunks, n_threads):
             for c in prange(C, schedule='static', num_threads=n_threads):
                 m = train_forward_channel_nc(x + c * scx, y + c * scy, sox, soy, g,
-                                                     weight[c], bias[c], eps, &invstd[c])
+                                             weight[c], bias[c], eps, &invstd[c], e, c)
                 mean[c] = m.mean
                 var[c] = m.m2 / m.n
             return
@@ -281,39 +328,41 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
         for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
             c = w // g.n_chunks
             normalize_nc(x + c * scx, y + c * scy, sox, soy, nc_chunk(g, w % g.n_chunks),
-                                 mean[c], weight[c] * invstd[c], bias[c])
+                         mean[c], weight[c] * invstd[c], bias[c], e, c)
 
 
 def train_forward(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray weight, cnp.ndarray bias,
                   double eps, cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,
-                  int n_threads):
-    """Fused training forward: batch statistics, then y = (x-mean)*invstd*weight + bias.
+                  int n_threads, res3=None, bint relu=False):
+    """Fused training forward: batch statistics, then
+    y = relu?((x-mean)*invstd*weight + bias + res?).
 
-    x3, y3: validated (outer, C, inner) views (y3 may be x3 itself). weight, bias:
+    x3, y3 (may be x3 itself), res3: validated (outer, C, inner) views. weight, bias:
     float64 (C,). OUT mean, var (biased), invstd: float64 (C,)."""
     cdef idx C = x3.shape[1]
     cdef cnp.ndarray parts = np.empty(max(_moments_work_size(x3, n_threads), C, 1), dtype=np.float64)
     cdef cnp.ndarray consts = np.empty(max(5 * C, 1), dtype=np.float64)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* py = cnp.PyArray_DATA(y3)
+    cdef Epilogue e = _epilogue(res3, relu)
     cdef int code = _dtype_code(x3)
     if code == 0:
-        _train_forward[float](<const float*> px, <float*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                              _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), n_threads)
+        _train_forward(<const float*> px, <float*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
+                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), e, n_threads)
     elif code == 1:
-        _train_forward[double](<const double*> px, <double*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                               _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), n_threads)
+        _train_forward(<const double*> px, <double*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
+                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), e, n_threads)
     elif code == 2:
-        _train_forward[half](<const half*> px, <half*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                             _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), n_threads)
+        _train_forward(<const half*> px, <half*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
+                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), e, n_threads)
     else:
-        _train_forward[bf16](<const bf16*> px, <bf16*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                             _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), n_threads)
+        _train_forward(<const bf16*> px, <bf16*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
+                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), e, n_threads)
 
 
 cdef void _normalize(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
                      const double* mean, const double* scale, const double* shift,
-                     double* consts, int n_threads) noexcept:
+                     double* consts, Epilogue e, int n_threads) noexcept:
     cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
     cdef idx soy = _stride(y3, 0), scy = _stride(y3, 1)
@@ -325,88 +374,74 @@ cdef void _normalize(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
             gl = nlc_grid(outer, C)
             prepare_channel_constants(x, C, mean, scale, shift, NULL, consts)
             for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
-                normalize_nlc(x, y, sox, soy, C, k * gl.chunk_rows, _rows_end(gl, k), consts)
+                normalize_nlc(x, y, sox, soy, C, k * gl.chunk_rows, _rows_end(gl, k), consts, e)
             return
         g = nc_grid(outer, inner)
         for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
             c = w // g.n_chunks
             normalize_nc(x + c * scx, y + c * scy, sox, soy, nc_chunk(g, w % g.n_chunks),
-                                 mean[c], scale[c], shift[c])
+                         mean[c], scale[c], shift[c], e, c)
 
 
 def normalize(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray mean, cnp.ndarray scale,
-              cnp.ndarray shift, int n_threads):
-    """Elementwise y = (x - mean) * scale + shift with given float64 (C,) constants
-    (inference forward: scale = weight/sqrt(running_var + eps))."""
+              cnp.ndarray shift, int n_threads, res3=None, bint relu=False):
+    """Elementwise y = relu?((x - mean) * scale + shift + res?) with given float64 (C,)
+    constants (inference forward: scale = weight/sqrt(running_var + eps))."""
     cdef idx C = x3.shape[1]
     cdef cnp.ndarray consts = np.empty(max(5 * C, 1), dtype=np.float64)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* py = cnp.PyArray_DATA(y3)
+    cdef Epilogue e = _epilogue(res3, relu)
     cdef int code = _dtype_code(x3)
     if code == 0:
-        _normalize[float](<const float*> px, <float*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), n_threads)
+        _normalize(<const float*> px, <float*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads)
     elif code == 1:
-        _normalize[double](<const double*> px, <double*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), n_threads)
+        _normalize(<const double*> px, <double*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads)
     elif code == 2:
-        _normalize[half](<const half*> px, <half*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), n_threads)
+        _normalize(<const half*> px, <half*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads)
     else:
-        _normalize[bf16](<const bf16*> px, <bf16*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), n_threads)
+        _normalize(<const bf16*> px, <bf16*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads)
 
 
 # --------------------------------------------------------------------- backward
 
-cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray dy3,
-                    cnp.ndarray x3, cnp.ndarray dx3, const double* mean, const double* invstd,
-                    const double* weight, bint frozen, double* sdy, double* sxmu,
-                    double* parts, double* consts, int n_threads) noexcept:
+cdef void _backward_sums(const data_t* dy, const data_t* x, cnp.ndarray dy3, cnp.ndarray x3,
+                         const double* mean, Activation act, double* sdy, double* sxmu,
+                         double* parts, int n_threads) noexcept:
+    # OUT sdy = sum(g), sxmu = sum(g * (x - mean)) per channel, chunk partials folded in
+    # chunk order (the same bits as the fused per-channel path)
     cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
     cdef idx sog = _stride(dy3, 0), scg = _stride(dy3, 1)
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
-    cdef idx sod = _stride(dx3, 0), scd = _stride(dx3, 1)
-    cdef double m = <double> (outer * inner)
     cdef NCGrid g
     cdef NLCGrid gl
     cdef Sums t
-    cdef idx c, k, w
+    cdef idx c, k, w, n_chunks
     cdef double* pd
     cdef double* pq
-    cdef double* ka = consts + 5 * C
-    cdef double* kb = ka + C
-    cdef double* kc = kb + C
     with nogil:
         if inner == 1:
             gl = nlc_grid(outer, C)
+            n_chunks = gl.n_chunks
             pd = parts
-            pq = parts + C * gl.n_chunks
-            for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
+            pq = parts + C * n_chunks
+            for k in prange(n_chunks, schedule='static', num_threads=n_threads):
                 chunk_sums_nlc(dy, x, sog, sox, C, k * gl.chunk_rows, _rows_end(gl, k),
-                                       mean, pd + k * C, pq + k * C)
+                               mean, pd + k * C, pq + k * C, act)
             for c in range(C):
                 t.dy = 0
                 t.dy_xmu = 0
-                for k in range(gl.n_chunks):
+                for k in range(n_chunks):
                     t.dy += pd[k * C + c]
                     t.dy_xmu += pq[k * C + c]
                 sdy[c] = t.dy
                 sxmu[c] = t.dy_xmu
-                backward_coefficients(t, invstd[c], weight[c], m, frozen, &ka[c], &kb[c], &kc[c])
-            prepare_channel_constants(x, C, mean, ka, kb, kc, consts)
-            for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
-                backward_elementwise_nlc(dy, x, dx, sog, sox, sod, C, k * gl.chunk_rows,
-                                                 _rows_end(gl, k), consts, frozen)
             return
         g = nc_grid(outer, inner)
-        if not _split_channels(C, g.n_chunks, n_threads):
-            for c in prange(C, schedule='static', num_threads=n_threads):
-                t = backward_channel_nc(dy + c * scg, x + c * scx, dx + c * scd, sog, sox,
-                                                sod, g, mean[c], invstd[c], weight[c], frozen)
-                sdy[c] = t.dy
-                sxmu[c] = t.dy_xmu
-            return
         for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
             c = w // g.n_chunks
-            t = chunk_sums_nc(dy + c * scg, x + c * scx, sog, sox,
-                                      nc_chunk(g, w % g.n_chunks), mean[c])
+            t = chunk_sums_nc(dy + c * scg, x + c * scx, sog, sox, nc_chunk(g, w % g.n_chunks),
+                              mean[c], act, c)
             parts[2 * w] = t.dy
             parts[2 * w + 1] = t.dy_xmu
         for c in range(C):
@@ -418,37 +453,137 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
                 t.dy_xmu += parts[2 * w + 1]
             sdy[c] = t.dy
             sxmu[c] = t.dy_xmu
-            backward_coefficients(t, invstd[c], weight[c], m, frozen, &ka[c], &kb[c], &kc[c])
+
+
+cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray dy3,
+                          cnp.ndarray x3, cnp.ndarray dx3, const double* mean, double* ka,
+                          double* kb, double* kc, bint frozen, Activation act, double* consts,
+                          int n_threads) noexcept:
+    # OUT dx = ka*g + kb*(x - mean) + kc per channel (g = dy, masked by a fused ReLU)
+    cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
+    cdef idx sog = _stride(dy3, 0), scg = _stride(dy3, 1)
+    cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
+    cdef idx sod = _stride(dx3, 0), scd = _stride(dx3, 1)
+    cdef NCGrid g
+    cdef NLCGrid gl
+    cdef idx c, k, w
+    with nogil:
+        if inner == 1:
+            gl = nlc_grid(outer, C)
+            prepare_channel_constants(x, C, mean, ka, kb, kc, consts)
+            for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
+                backward_elementwise_nlc(dy, x, dx, sog, sox, sod, C, k * gl.chunk_rows,
+                                         _rows_end(gl, k), consts, frozen, act)
+            return
+        g = nc_grid(outer, inner)
         for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
             c = w // g.n_chunks
             backward_elementwise_nc(dy + c * scg, x + c * scx, dx + c * scd, sog, sox, sod,
-                                            nc_chunk(g, w % g.n_chunks), ka[c], kb[c], kc[c],
-                                            mean[c], frozen)
+                                    nc_chunk(g, w % g.n_chunks), ka[c], kb[c], kc[c],
+                                    mean[c], frozen, act, c)
+
+
+cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray dy3,
+                    cnp.ndarray x3, cnp.ndarray dx3, const double* mean, const double* invstd,
+                    const double* weight, bint frozen, double* sdy, double* sxmu,
+                    double* parts, double* consts, Activation act, int n_threads) noexcept:
+    cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
+    cdef idx sog = _stride(dy3, 0), scg = _stride(dy3, 1)
+    cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
+    cdef idx sod = _stride(dx3, 0), scd = _stride(dx3, 1)
+    cdef double m = <double> (outer * inner)
+    cdef NCGrid g = nc_grid(outer, inner)
+    cdef Sums t
+    cdef idx c
+    cdef double* ka = consts + 5 * C
+    cdef double* kb = ka + C
+    cdef double* kc = kb + C
+    if inner > 1 and not _split_channels(C, g.n_chunks, n_threads):
+        with nogil:
+            for c in prange(C, schedule='static', num_threads=n_threads):
+                t = backward_channel_nc(dy + c * scg, x + c * scx, dx + c * scd, sog, sox,
+                                        sod, g, mean[c], invstd[c], weight[c], frozen, act, c)
+                sdy[c] = t.dy
+                sxmu[c] = t.dy_xmu
+        return
+    _backward_sums(dy, x, dy3, x3, mean, act, sdy, sxmu, parts, n_threads)
+    for c in range(C):
+        t.dy = sdy[c]
+        t.dy_xmu = sxmu[c]
+        backward_coefficients(t, invstd[c], weight[c], m, frozen, &ka[c], &kb[c], &kc[c])
+    _backward_apply(dy, x, dx, dy3, x3, dx3, mean, ka, kb, kc, frozen, act, consts, n_threads)
+
+
+cdef idx _backward_work_size(cnp.ndarray dy3):
+    cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
+    if inner == 1:
+        return max(2 * C * nlc_grid(outer, C).n_chunks, 1)
+    return max(2 * C * nc_grid(outer, inner).n_chunks, 1)
 
 
 def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
              cnp.ndarray invstd, cnp.ndarray weight, bint frozen, cnp.ndarray sdy,
-             cnp.ndarray sxmu, int n_threads):
+             cnp.ndarray sxmu, int n_threads, y3=None, dres3=None):
     """Fused backward. IN dy3, x3 (validated views of one shape), mean, invstd, weight:
-    float64 (C,). OUT dx3 (may be dy3), sdy = sum(dy), sxmu = sum(dy*(x-mean)) (C,).
-    frozen: statistics are constants (inference-mode backward, dx = dy*weight*invstd)."""
-    cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
-    cdef idx n_parts = 2 * C * (nlc_grid(outer, C).n_chunks if inner == 1 else nc_grid(outer, inner).n_chunks)
-    cdef cnp.ndarray parts = np.empty(max(n_parts, 1), dtype=np.float64)
+    float64 (C,). OUT dx3 (may be dy3), sdy = sum(g), sxmu = sum(g*(x-mean)) (C,).
+    frozen: statistics are constants (inference-mode backward, dx = g*weight*invstd).
+    y3: forward output of a fused ReLU (g = dy where y > 0, else 0); dres3: OUT g."""
+    cdef idx C = x3.shape[1]
+    cdef cnp.ndarray parts = np.empty(_backward_work_size(dy3), dtype=np.float64)
     cdef cnp.ndarray consts = np.empty(max(8 * C, 1), dtype=np.float64)
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* pd = cnp.PyArray_DATA(dx3)
+    cdef Activation act = _activation(y3, dres3)
     cdef int code = _dtype_code(dy3)
     if code == 0:
-        _backward[float](<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                         _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), n_threads)
+        _backward(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
+                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), act, n_threads)
     elif code == 1:
-        _backward[double](<const double*> pg, <const double*> px, <double*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                          _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), n_threads)
+        _backward(<const double*> pg, <const double*> px, <double*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
+                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), act, n_threads)
     elif code == 2:
-        _backward[half](<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                        _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), n_threads)
+        _backward(<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
+                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), act, n_threads)
     else:
-        _backward[bf16](<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                        _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), n_threads)
+        _backward(<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
+                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), act, n_threads)
+
+
+def backward_reduce(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray mean, cnp.ndarray sdy,
+                    cnp.ndarray sxmu, int n_threads, y3=None):
+    """OUT sdy = sum(g), sxmu = sum(g*(x-mean)) per channel, float64 (C,)."""
+    cdef cnp.ndarray parts = np.empty(_backward_work_size(dy3), dtype=np.float64)
+    cdef void* pg = cnp.PyArray_DATA(dy3)
+    cdef void* px = cnp.PyArray_DATA(x3)
+    cdef Activation act = _activation(y3, None)
+    cdef int code = _dtype_code(dy3)
+    if code == 0:
+        _backward_sums(<const float*> pg, <const float*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), n_threads)
+    elif code == 1:
+        _backward_sums(<const double*> pg, <const double*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), n_threads)
+    elif code == 2:
+        _backward_sums(<const half*> pg, <const half*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), n_threads)
+    else:
+        _backward_sums(<const bf16*> pg, <const bf16*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), n_threads)
+
+
+def backward_apply(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
+                   cnp.ndarray a, cnp.ndarray b, cnp.ndarray c, bint frozen, int n_threads,
+                   y3=None, dres3=None):
+    """OUT dx3 = a*g + b*(x - mean) + c per channel (float64 (C,) coefficients)."""
+    cdef idx C = x3.shape[1]
+    cdef cnp.ndarray consts = np.empty(max(5 * C, 1), dtype=np.float64)
+    cdef void* pg = cnp.PyArray_DATA(dy3)
+    cdef void* px = cnp.PyArray_DATA(x3)
+    cdef void* pd = cnp.PyArray_DATA(dx3)
+    cdef Activation act = _activation(y3, dres3)
+    cdef int code = _dtype_code(dy3)
+    if code == 0:
+        _backward_apply(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads)
+    elif code == 1:
+        _backward_apply(<const double*> pg, <const double*> px, <double*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads)
+    elif code == 2:
+        _backward_apply(<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads)
+    else:
+        _backward_apply(<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads)

@@ -224,6 +224,33 @@ template <class T> FASTBN_CLONES Moments channel_moments_nc(const T* xc, idx so,
     return m;
 }
 
+// ---------------------------------------------------------------- fused epilogues
+// Forward: y = relu?(bn(x) + residual?). For "nc" kernels res points at the array base
+// and res_so/res_sc are its outer/channel strides; for "nlc" kernels res_so is the row
+// stride (channels contiguous).
+struct Epilogue {
+    const void* res;
+    idx res_so, res_sc;
+    bool relu;
+};
+
+// Backward through a fused ReLU: the gradient is masked where the forward output y was
+// not positive; the masked gradient (the residual's gradient) goes to dres when given.
+// y == NULL: no activation.
+struct Activation {
+    const void* y;
+    idx y_so, y_sc;
+    void* dres;
+    idx dres_so, dres_sc;
+};
+
+template <class T> FASTBN_INLINE const T* channel_ptr(const void* base, idx c, idx sc) {
+    return base ? (const T*)base + c * sc : (const T*)0;
+}
+
+// ReLU that keeps NaN (as torch.relu does).
+template <class CT> FASTBN_INLINE CT relu(CT v) { return v < 0 ? (CT)0 : v; }
+
 // ---------------------------------------------------------------- nc elementwise
 // y = ((x - mean_hi) - mean_lo) * scale + shift, computed in the compute type.
 template <class T> struct Affine {
@@ -237,30 +264,46 @@ template <class T> struct Affine {
     }
 };
 
-template <class T>
-FASTBN_INLINE void normalize_span_nc(const T* xc, T* yc, idx sox, idx soy, Span s, const Affine<T>& a) {
+template <class T, bool RES, bool RELU>
+FASTBN_INLINE void normalize_row(const T* x, T* y, const T* res, idx i0, idx i1, const Affine<T>& a) {
     typedef typename compute_of<T>::type CT;
+    for (idx i = i0; i < i1; ++i) {
+        CT v = ((to_compute(x[i]) - a.mean_hi) - a.mean_lo) * a.scale + a.shift;
+        if (RES) v = v + to_compute(res[i]);
+        if (RELU) v = relu(v);
+        store(y + i, v);
+    }
+}
+
+template <class T>
+FASTBN_INLINE void normalize_span_nc(const T* xc, T* yc, idx sox, idx soy, Span s, const Affine<T>& a,
+                                     const T* rc, idx sor, bool use_relu) {
     for (idx r = s.r0; r < s.r1; ++r) {
         const T* xr = xc + r * sox;
         T* yr = yc + r * soy;
-        for (idx i = s.i0; i < s.i1; ++i) {
-            CT v = ((to_compute(xr[i]) - a.mean_hi) - a.mean_lo) * a.scale + a.shift;
-            store(yr + i, v);
+        if (rc) {
+            const T* rr = rc + r * sor;
+            if (use_relu) normalize_row<T, true, true>(xr, yr, rr, s.i0, s.i1, a);
+            else normalize_row<T, true, false>(xr, yr, rr, s.i0, s.i1, a);
+        } else {
+            if (use_relu) normalize_row<T, false, true>(xr, yr, 0, s.i0, s.i1, a);
+            else normalize_row<T, false, false>(xr, yr, 0, s.i0, s.i1, a);
         }
     }
 }
 
 template <class T>
 FASTBN_CLONES void normalize_nc(const T* xc, T* yc, idx sox, idx soy, Span s, double mean, double scale,
-                                double shift) {
-    normalize_span_nc(xc, yc, sox, soy, s, Affine<T>(mean, scale, shift));
+                                double shift, Epilogue e, idx c) {
+    normalize_span_nc(xc, yc, sox, soy, s, Affine<T>(mean, scale, shift), channel_ptr<T>(e.res, c, e.res_sc),
+                      e.res_so, e.relu);
 }
 
 // Fused training forward of one channel: statistics (reading the channel once from
 // memory), then normalize it while it is still in cache. Returns the moments.
 template <class T>
 FASTBN_CLONES Moments train_forward_channel_nc(const T* xc, T* yc, idx sox, idx soy, NCGrid g, double weight,
-                                               double bias, double eps, double* invstd_out) {
+                                               double bias, double eps, double* invstd_out, Epilogue e, idx c) {
     Moments m = {0, 0, 0};
     for (idx k = 0; k < g.n_chunks; ++k) {
         Moments p = chunk_moments_nc_impl(xc, sox, nc_chunk(g, k));
@@ -269,32 +312,42 @@ FASTBN_CLONES Moments train_forward_channel_nc(const T* xc, T* yc, idx sox, idx 
     double invstd = invstd_of(m.n, m.m2, eps);
     *invstd_out = invstd;
     Affine<T> a(m.mean, weight * invstd, bias);
-    for (idx k = 0; k < g.n_chunks; ++k) normalize_span_nc(xc, yc, sox, soy, nc_chunk(g, k), a);
+    const T* rc = channel_ptr<T>(e.res, c, e.res_sc);
+    for (idx k = 0; k < g.n_chunks; ++k) normalize_span_nc(xc, yc, sox, soy, nc_chunk(g, k), a, rc, e.res_so, e.relu);
     return m;
 }
 
 // ---------------------------------------------------------------- nc backward
 struct Sums {
-    double dy, dy_xmu;  // sum(dy), sum(dy * (x - mean))
+    double dy, dy_xmu;  // sum(g), sum(g * (x - mean)); g = dy, masked by a fused ReLU
 };
 
-template <class T>
-FASTBN_INLINE Sums chunk_sums_nc_impl(const T* dyc, const T* xc, idx sody, idx sox, Span s, double mean) {
+template <class T, bool MASK>
+FASTBN_INLINE double masked_grad(const T* g, const T* y, idx i) {
+    double gv = to_double(g[i]);
+    if (MASK) gv = to_compute(y[i]) > 0 ? gv : 0.0;
+    return gv;
+}
+
+template <class T, bool MASK>
+FASTBN_INLINE Sums chunk_sums_span(const T* dyc, const T* xc, const T* yc, idx sody, idx sox, idx soy, Span s,
+                                   double mean) {
     double a1[LANES] = {};
     double a2[LANES] = {};
     idx n = s.i1 - s.i0;
     for (idx r = s.r0; r < s.r1; ++r) {
         const T* g = dyc + r * sody + s.i0;
         const T* x = xc + r * sox + s.i0;
+        const T* y = MASK ? yc + r * soy + s.i0 : (const T*)0;
         idx i = 0;
         for (; i + LANES <= n; i += LANES)
             for (int j = 0; j < LANES; ++j) {
-                double gv = to_double(g[i + j]);
+                double gv = masked_grad<T, MASK>(g, y, i + j);
                 a1[j] += gv;
                 a2[j] += gv * (to_double(x[i + j]) - mean);
             }
         for (int j = 0; i + j < n; ++j) {
-            double gv = to_double(g[i + j]);
+            double gv = masked_grad<T, MASK>(g, y, i + j);
             a1[j] += gv;
             a2[j] += gv * (to_double(x[i + j]) - mean);
         }
@@ -304,12 +357,21 @@ FASTBN_INLINE Sums chunk_sums_nc_impl(const T* dyc, const T* xc, idx sody, idx s
 }
 
 template <class T>
-FASTBN_CLONES Sums chunk_sums_nc(const T* dyc, const T* xc, idx sody, idx sox, Span s, double mean) {
-    return chunk_sums_nc_impl(dyc, xc, sody, sox, s, mean);
+FASTBN_INLINE Sums chunk_sums_nc_impl(const T* dyc, const T* xc, idx sody, idx sox, Span s, double mean,
+                                      const Activation& act, idx c) {
+    const T* yc = channel_ptr<T>(act.y, c, act.y_sc);
+    if (yc) return chunk_sums_span<T, true>(dyc, xc, yc, sody, sox, act.y_so, s, mean);
+    return chunk_sums_span<T, false>(dyc, xc, yc, sody, sox, 0, s, mean);
 }
 
-// dx = A*dy + B*(x - mean) + Cc  (training), or dx = A*dy (frozen statistics: B = Cc = 0,
-// x not read).
+template <class T>
+FASTBN_CLONES Sums chunk_sums_nc(const T* dyc, const T* xc, idx sody, idx sox, Span s, double mean,
+                                 Activation act, idx c) {
+    return chunk_sums_nc_impl(dyc, xc, sody, sox, s, mean, act, c);
+}
+
+// dx = A*g + B*(x - mean) + Cc  (training), or dx = A*g (frozen statistics: B = Cc = 0,
+// x not read); g = dy masked by a fused ReLU.
 template <class T> struct BackwardCoef {
     typedef typename compute_of<T>::type CT;
     CT a, b, c, mean_hi, mean_lo;
@@ -320,34 +382,58 @@ template <class T> struct BackwardCoef {
     }
 };
 
+template <class T, bool MASK, bool DRES, bool FROZEN>
+FASTBN_INLINE void backward_row(const T* g, const T* x, const T* y, T* d, T* dr, idx i0, idx i1,
+                                const BackwardCoef<T>& k) {
+    typedef typename compute_of<T>::type CT;
+    for (idx i = i0; i < i1; ++i) {
+        CT gv = to_compute(g[i]);
+        if (MASK) gv = to_compute(y[i]) > 0 ? gv : (CT)0;
+        if (DRES) store(dr + i, gv);
+        if (FROZEN) {
+            store(d + i, gv * k.a);
+        } else {
+            CT xm = (to_compute(x[i]) - k.mean_hi) - k.mean_lo;
+            store(d + i, (gv * k.a + xm * k.b) + k.c);
+        }
+    }
+}
+
+template <class T, bool FROZEN>
+FASTBN_INLINE void backward_row_any(const T* g, const T* x, const T* y, T* d, T* dr, idx i0, idx i1,
+                                    const BackwardCoef<T>& k) {
+    if (!y) backward_row<T, false, false, FROZEN>(g, x, y, d, dr, i0, i1, k);
+    else if (!dr) backward_row<T, true, false, FROZEN>(g, x, y, d, dr, i0, i1, k);
+    else backward_row<T, true, true, FROZEN>(g, x, y, d, dr, i0, i1, k);
+}
+
 template <class T>
 FASTBN_INLINE void backward_span_nc(const T* dyc, const T* xc, T* dxc, idx sody, idx sox, idx sodx, Span s,
-                                    const BackwardCoef<T>& k, bool frozen) {
-    typedef typename compute_of<T>::type CT;
+                                    const BackwardCoef<T>& k, bool frozen, const Activation& act, idx c) {
+    const T* yc = channel_ptr<T>(act.y, c, act.y_sc);
+    T* drc = (T*)channel_ptr<T>(act.dres, c, act.dres_sc);
     for (idx r = s.r0; r < s.r1; ++r) {
         const T* g = dyc + r * sody;
+        const T* x = xc + r * sox;
+        const T* y = yc ? yc + r * act.y_so : (const T*)0;
+        T* dr = drc ? drc + r * act.dres_so : (T*)0;
         T* d = dxc + r * sodx;
-        if (frozen) {
-            for (idx i = s.i0; i < s.i1; ++i) store(d + i, to_compute(g[i]) * k.a);
-        } else {
-            const T* x = xc + r * sox;
-            for (idx i = s.i0; i < s.i1; ++i) {
-                CT xm = (to_compute(x[i]) - k.mean_hi) - k.mean_lo;
-                store(d + i, (to_compute(g[i]) * k.a + xm * k.b) + k.c);
-            }
-        }
+        if (frozen) backward_row_any<T, true>(g, x, y, d, dr, s.i0, s.i1, k);
+        else backward_row_any<T, false>(g, x, y, d, dr, s.i0, s.i1, k);
     }
 }
 
 template <class T>
 FASTBN_CLONES void backward_elementwise_nc(const T* dyc, const T* xc, T* dxc, idx sody, idx sox, idx sodx,
-                                           Span s, double a, double b, double c, double mean, bool frozen) {
-    backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, BackwardCoef<T>(a, b, c, mean), frozen);
+                                           Span s, double a, double b, double c, double mean, bool frozen,
+                                           Activation act, idx ch) {
+    backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, BackwardCoef<T>(a, b, c, mean), frozen, act, ch);
 }
 
 // Coefficients of dx from the channel's sums (DESIGN.md):
-//   dx = w*invstd/m * (m*dy - sum_dy - xhat*dweight), xhat = (x-mean)*invstd,
-//   dweight = invstd * sum_dy_xmu.
+//   dx = w*invstd/m * (m*g - sum_g - xhat*dweight), xhat = (x-mean)*invstd,
+//   dweight = invstd * sum_g_xmu.
+// The split primitive fastbn.backward_elementwise uses the same expressions.
 FASTBN_INLINE void backward_coefficients(Sums t, double invstd, double weight, double m, bool frozen,
                                          double* a, double* b, double* c) {
     *a = weight * invstd;
@@ -365,28 +451,29 @@ FASTBN_INLINE void backward_coefficients(Sums t, double invstd, double weight, d
 // and dx are produced together.
 template <class T>
 FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx sody, idx sox, idx sodx, NCGrid g,
-                                       double mean, double invstd, double weight, bool frozen) {
+                                       double mean, double invstd, double weight, bool frozen, Activation act,
+                                       idx c) {
     Sums t = {0, 0};
-    double a, b, c;
+    double a, b, cc;
     if (frozen) {
-        backward_coefficients(t, invstd, weight, 0, true, &a, &b, &c);
-        BackwardCoef<T> k(a, b, c, mean);
+        backward_coefficients(t, invstd, weight, 0, true, &a, &b, &cc);
+        BackwardCoef<T> k(a, b, cc, mean);
         for (idx ch = 0; ch < g.n_chunks; ++ch) {
             Span s = nc_chunk(g, ch);
-            Sums p = chunk_sums_nc_impl(dyc, xc, sody, sox, s, mean);
+            Sums p = chunk_sums_nc_impl(dyc, xc, sody, sox, s, mean, act, c);
             t.dy += p.dy; t.dy_xmu += p.dy_xmu;
-            backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, k, true);
+            backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, k, true, act, c);
         }
         return t;
     }
     for (idx ch = 0; ch < g.n_chunks; ++ch) {
-        Sums p = chunk_sums_nc_impl(dyc, xc, sody, sox, nc_chunk(g, ch), mean);
+        Sums p = chunk_sums_nc_impl(dyc, xc, sody, sox, nc_chunk(g, ch), mean, act, c);
         t.dy += p.dy; t.dy_xmu += p.dy_xmu;
     }
-    backward_coefficients(t, invstd, weight, (double)(g.outer * g.inner), false, &a, &b, &c);
-    BackwardCoef<T> k(a, b, c, mean);
+    backward_coefficients(t, invstd, weight, (double)(g.outer * g.inner), false, &a, &b, &cc);
+    BackwardCoef<T> k(a, b, cc, mean);
     for (idx ch = 0; ch < g.n_chunks; ++ch)
-        backward_span_nc(dyc, xc, dxc, sody, sox, sodx, nc_chunk(g, ch), k, false);
+        backward_span_nc(dyc, xc, dxc, sody, sox, sodx, nc_chunk(g, ch), k, false, act, c);
     return t;
 }
 
@@ -484,60 +571,104 @@ void prepare_channel_constants(const T* /*dtype_tag*/, idx C, const double* mean
     }
 }
 
-// y = ((x - mean_hi) - mean_lo) * scale + shift over rows [r0, r1); constants from
-// prepare_channel_constants(mean, scale, shift).
-template <class T>
-FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1, const void* buf) {
+// y = relu?(((x - mean_hi) - mean_lo) * scale + shift + res?) over rows [r0, r1); constants
+// from prepare_channel_constants(mean, scale, shift).
+template <class T, bool RES, bool RELU>
+FASTBN_INLINE void normalize_row_nlc(const T* x, T* y, const T* res, idx C, const void* buf) {
     typedef typename compute_of<T>::type CT;
     const CT* mh = (const CT*)buf;
     const CT* ml = mh + C;
     const CT* sc = mh + 2 * C;
     const CT* sh = mh + 3 * C;
-    for (idx r = r0; r < r1; ++r) {
-        const T* xr = x + r * srx;
-        T* yr = y + r * sry;
-        for (idx c = 0; c < C; ++c) store(yr + c, ((to_compute(xr[c]) - mh[c]) - ml[c]) * sc[c] + sh[c]);
+    for (idx c = 0; c < C; ++c) {
+        CT v = ((to_compute(x[c]) - mh[c]) - ml[c]) * sc[c] + sh[c];
+        if (RES) v = v + to_compute(res[c]);
+        if (RELU) v = relu(v);
+        store(y + c, v);
     }
 }
 
-// Per-channel sum(dy) and sum(dy*(x-mean)) over rows [r0, r1), written to sdy/sxmu.
 template <class T>
-FASTBN_CLONES void chunk_sums_nlc(const T* dy, const T* x, idx srdy, idx srx, idx C, idx r0, idx r1,
-                                  const double* mean, double* sdy, double* sxmu) {
-    for (idx c = 0; c < C; ++c) { sdy[c] = 0; sxmu[c] = 0; }
+FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1, const void* buf,
+                                 Epilogue e) {
+    for (idx r = r0; r < r1; ++r) {
+        const T* xr = x + r * srx;
+        T* yr = y + r * sry;
+        if (e.res) {
+            const T* rr = (const T*)e.res + r * e.res_so;
+            if (e.relu) normalize_row_nlc<T, true, true>(xr, yr, rr, C, buf);
+            else normalize_row_nlc<T, true, false>(xr, yr, rr, C, buf);
+        } else {
+            if (e.relu) normalize_row_nlc<T, false, true>(xr, yr, 0, C, buf);
+            else normalize_row_nlc<T, false, false>(xr, yr, 0, C, buf);
+        }
+    }
+}
+
+template <class T, bool MASK>
+FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, idx srx, idx sry, idx C, idx r0,
+                                 idx r1, const double* mean, double* sdy, double* sxmu) {
     for (idx r = r0; r < r1; ++r) {
         const T* g = dy + r * srdy;
         const T* xr = x + r * srx;
+        const T* yr = MASK ? y + r * sry : (const T*)0;
         for (idx c = 0; c < C; ++c) {
-            double gv = to_double(g[c]);
+            double gv = masked_grad<T, MASK>(g, yr, c);
             sdy[c] += gv;
             sxmu[c] += gv * (to_double(xr[c]) - mean[c]);
         }
     }
 }
 
-// dx over rows [r0, r1); constants from prepare_channel_constants(mean, a, b, c).
+// Per-channel sum(g) and sum(g*(x-mean)) over rows [r0, r1), written to sdy/sxmu.
 template <class T>
-FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx srdy, idx srx, idx srdx, idx C,
-                                            idx r0, idx r1, const void* buf, bool frozen) {
+FASTBN_CLONES void chunk_sums_nlc(const T* dy, const T* x, idx srdy, idx srx, idx C, idx r0, idx r1,
+                                  const double* mean, double* sdy, double* sxmu, Activation act) {
+    for (idx c = 0; c < C; ++c) { sdy[c] = 0; sxmu[c] = 0; }
+    if (act.y) sums_rows_nlc<T, true>(dy, x, (const T*)act.y, srdy, srx, act.y_so, C, r0, r1, mean, sdy, sxmu);
+    else sums_rows_nlc<T, false>(dy, x, 0, srdy, srx, 0, C, r0, r1, mean, sdy, sxmu);
+}
+
+template <class T, bool MASK, bool DRES, bool FROZEN>
+FASTBN_INLINE void backward_row_nlc(const T* g, const T* x, const T* y, T* d, T* dr, idx C, const void* buf) {
     typedef typename compute_of<T>::type CT;
     const CT* mh = (const CT*)buf;
     const CT* ml = mh + C;
     const CT* ka = mh + 2 * C;
     const CT* kb = mh + 3 * C;
     const CT* kc = mh + 4 * C;
+    for (idx c = 0; c < C; ++c) {
+        CT gv = to_compute(g[c]);
+        if (MASK) gv = to_compute(y[c]) > 0 ? gv : (CT)0;
+        if (DRES) store(dr + c, gv);
+        if (FROZEN) {
+            store(d + c, gv * ka[c]);
+        } else {
+            CT xm = (to_compute(x[c]) - mh[c]) - ml[c];
+            store(d + c, (gv * ka[c] + xm * kb[c]) + kc[c]);
+        }
+    }
+}
+
+template <class T, bool FROZEN>
+FASTBN_INLINE void backward_row_nlc_any(const T* g, const T* x, const T* y, T* d, T* dr, idx C, const void* buf) {
+    if (!y) backward_row_nlc<T, false, false, FROZEN>(g, x, y, d, dr, C, buf);
+    else if (!dr) backward_row_nlc<T, true, false, FROZEN>(g, x, y, d, dr, C, buf);
+    else backward_row_nlc<T, true, true, FROZEN>(g, x, y, d, dr, C, buf);
+}
+
+// dx over rows [r0, r1); constants from prepare_channel_constants(mean, a, b, c).
+template <class T>
+FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx srdy, idx srx, idx srdx, idx C,
+                                            idx r0, idx r1, const void* buf, bool frozen, Activation act) {
     for (idx r = r0; r < r1; ++r) {
         const T* g = dy + r * srdy;
+        const T* xr = x + r * srx;
+        const T* y = act.y ? (const T*)act.y + r * act.y_so : (const T*)0;
+        T* dr = act.dres ? (T*)act.dres + r * act.dres_so : (T*)0;
         T* d = dx + r * srdx;
-        if (frozen) {
-            for (idx c = 0; c < C; ++c) store(d + c, to_compute(g[c]) * ka[c]);
-        } else {
-            const T* xr = x + r * srx;
-            for (idx c = 0; c < C; ++c) {
-                CT xm = (to_compute(xr[c]) - mh[c]) - ml[c];
-                store(d + c, (to_compute(g[c]) * ka[c] + xm * kb[c]) + kc[c]);
-            }
-        }
+        if (frozen) backward_row_nlc_any<T, true>(g, xr, y, d, dr, C, buf);
+        else backward_row_nlc_any<T, false>(g, xr, y, d, dr, C, buf);
     }
 }
 
