@@ -15,7 +15,8 @@ from ._dispatch import backend_for, backend_name_for
 from ._moments import Moments, _var
 
 __all__ = ["moments", "welford", "batch_norm", "batch_norm_forward",
-           "batch_norm_backward", "get_backend"]
+           "batch_norm_backward", "normalize", "backward_reduce", "backward_elementwise",
+           "get_backend"]
 
 _NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _F64 = np.dtype(np.float64)
@@ -153,7 +154,7 @@ def _output(out, name, layout, dtype, inputs3):
     y3 = out.reshape(layout.shape3)
     direct = np.may_share_memory(y3, out) or out.size == 0
     direct = direct and _kernel_ready(y3) and not any(
-        np.may_share_memory(y3, v) and not _same_view(y3, v) for v in inputs3)
+        v is not None and np.may_share_memory(y3, v) and not _same_view(y3, v) for v in inputs3)
     if direct:
         return out, y3, None
     tmp = np.empty(layout.shape, dtype)
@@ -170,6 +171,38 @@ def _check_training_batch(x, layout):
     if layout.count == 1:
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {x.shape}")
+
+
+_ACTIVATIONS = (None, "relu")
+
+
+def _check_activation(activation):
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got: activation={activation!r}")
+    return activation == "relu"
+
+
+def _check_like(a, name, x, layout, like="x"):
+    """An array that must match x in shape and dtype (residual, dy, y) -> its 3-D view."""
+    a = _as_array(a)
+    if a.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of {like} {x.shape}, got: "
+                         f"{name}.shape={a.shape}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} must have the dtype of {like} ({x.dtype}), got: "
+                        f"{name}.dtype={a.dtype}")
+    return _view3(a, layout)
+
+
+def _activation_inputs(activation, y, x, layout):
+    """The y view that masks the gradient of a fused ReLU (None without activation)."""
+    if not _check_activation(activation):
+        if y is not None:
+            raise ValueError("y is only used with activation='relu' (it masks the gradient)")
+        return None
+    if y is None:
+        raise ValueError("activation='relu' needs y, the forward output, to mask the gradient")
+    return _check_like(y, "y", x, layout)
 
 
 # ------------------------------------------------------------------ statistics
@@ -256,10 +289,13 @@ def _update_running(running_mean, running_var, mean, var, count, momentum):
     running_var[...] = new_var
 
 
-def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, axis, out):
+def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, axis, out,
+           activation, residual):
     """Shared body of training-mode batch_norm and batch_norm_forward."""
     x = _check_data(x, "x")
     layout = _Layout(x.shape, axis)
+    relu = _check_activation(activation)
+    res3 = None if residual is None else _check_like(residual, "residual", x, layout)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither "
                          "be None")
@@ -272,11 +308,11 @@ def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, a
     eps = _check_real(eps, "eps", low=0.0)
     _check_training_batch(x, layout)
     x3 = _view3(x, layout)
-    y, y3, tmp = _output(out, "out", layout, x.dtype, (x3,))
+    y, y3, tmp = _output(out, "out", layout, x.dtype, (x3, res3))
     if layout.count == 0:  # empty batch: nothing to normalize, statistics undefined
         nan = np.full(layout.C, np.nan)
         return y, nan, nan.copy()
-    mean, var, invstd = backend.train_forward(x3, y3, w, b, eps)
+    mean, var, invstd = backend.train_forward(x3, y3, w, b, eps, res3, relu)
     _finish(y, tmp)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, layout.count, momentum)
@@ -284,7 +320,8 @@ def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, a
 
 
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
-               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None):
+               training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, activation=None,
+               residual=None):
     """Batch normalization, with the arguments and semantics of
     ``torch.nn.functional.batch_norm``.
 
@@ -312,11 +349,15 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         Channel axis.
     out : ndarray, optional
         Where to write y (shape and dtype of x; may be x itself).
+    activation : {None, 'relu'}, optional
+        Fused activation applied to the result, in the same pass.
+    residual : array_like, optional
+        Added before the activation (BN+add+ReLU of residual blocks); shape and dtype of x.
 
     Returns
     -------
     y : ndarray
-        Same shape and dtype as x.
+        Same shape and dtype as x: ``activation(weight * xhat + bias + residual)``.
 
     Examples
     --------
@@ -329,13 +370,18 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     >>> bool(np.allclose(rm, 0.5 * x.mean(axis=(0, 2, 3)), rtol=1e-6))  # momentum 0.5 from 0
     True
     >>> y_eval = fbn.batch_norm(x, rm, rv)  # inference: uses the running statistics
+    >>> y_relu = fbn.batch_norm(x, rm, rv, activation="relu", residual=x)  # fused BN+add+ReLU
+    >>> bool(y_relu.min() == 0)
+    True
     """
-    _, backend = backend_for(x, running_mean, running_var, weight, bias, out)
+    _, backend = backend_for(x, running_mean, running_var, weight, bias, out, residual)
     if training:
         return _train(backend, x, weight, bias, running_mean, running_var, momentum, eps,
-                      axis, out)[0]
+                      axis, out, activation, residual)[0]
     x = _check_data(x, "x")
     layout = _Layout(x.shape, axis)
+    relu = _check_activation(activation)
+    res3 = None if residual is None else _check_like(residual, "residual", x, layout)
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be defined in evaluation mode "
                          "(training=False)")
@@ -346,15 +392,16 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     _check_real(momentum, "momentum")
     eps = _check_real(eps, "eps", low=0.0)
     x3 = _view3(x, layout)
-    y, y3, tmp = _output(out, "out", layout, x.dtype, (x3,))
+    y, y3, tmp = _output(out, "out", layout, x.dtype, (x3, res3))
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = w / np.sqrt(rv + eps)
-    backend.normalize(x3, y3, rm, scale, b)
+    backend.normalize(x3, y3, rm, scale, b, res3, relu)
     return _finish(y, tmp)
 
 
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
-                       momentum=0.1, eps=1e-5, axis=1, out=None):
+                       momentum=0.1, eps=1e-5, axis=1, out=None, activation=None,
+                       residual=None):
     """Training-mode batch norm that also returns what backward needs.
 
     One fused pass per channel: statistics, then normalization while the channel is in
@@ -370,6 +417,10 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     axis : int, default 1
     out : ndarray, optional
         Where to write y.
+    activation : {None, 'relu'}, optional
+        Fused activation (same pass). Keep y: the backward needs it as its mask.
+    residual : array_like, optional
+        Added before the activation; shape and dtype of x.
 
     Returns
     -------
@@ -386,9 +437,9 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     >>> y.shape, mean.dtype, invstd.shape
     ((16, 3, 5), dtype('float32'), (3,))
     """
-    _, backend = backend_for(x, weight, bias, running_mean, running_var, out)
+    _, backend = backend_for(x, weight, bias, running_mean, running_var, out, residual)
     y, mean, invstd = _train(backend, x, weight, bias, running_mean, running_var, momentum,
-                             eps, axis, out)
+                             eps, axis, out, activation, residual)
     acc = _acc_dtype(y.dtype)
     return y, mean.astype(acc), invstd.astype(acc)
 
@@ -396,7 +447,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
 # ------------------------------------------------------------------ backward
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis=1,
-                        out=None):
+                        out=None, activation=None, y=None, return_residual_grad=False):
     """Gradients of batch norm with respect to x, weight and bias.
 
     Training mode (statistics of the batch, gradient flows through them)::
@@ -422,6 +473,12 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     axis : int, default 1
     out : ndarray, optional
         Where to write dx (may be dy itself).
+    activation : {None, 'relu'}, optional
+        The forward's fused activation: the gradient is masked where ``y <= 0``.
+    y : array_like, optional
+        The forward output (required with ``activation='relu'``).
+    return_residual_grad : bool, default False
+        Also return the gradient of the forward's `residual` (the masked dy).
 
     Returns
     -------
@@ -429,6 +486,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
         Shape and dtype of x.
     dweight, dbias : ndarray of shape (C,)
         float64 for float64 x, else float32.
+    dresidual : ndarray
+        Only with ``return_residual_grad=True``; shape and dtype of x.
 
     Examples
     --------
@@ -439,26 +498,199 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     >>> bool(np.abs(dx).max() < 1e-12), db  # a constant gradient does not reach x
     (True, array([32., 32., 32.]))
     """
-    _, backend = backend_for(dy, x, mean, invstd, weight, out)
-    x = _check_data(x, "x")
-    dy = _check_data(dy, "dy")
-    if dy.shape != x.shape:
-        raise ValueError(f"dy must have the shape of x {x.shape}, got: dy.shape={dy.shape}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy must have the dtype of x ({x.dtype}), got: dy.dtype={dy.dtype}")
-    layout = _Layout(x.shape, axis)
+    _, backend = backend_for(dy, x, mean, invstd, weight, out, y)
+    x, dy3, x3, layout, y3 = _check_backward_data(dy, x, axis, activation, y)
     mean = _check_channel_param(mean, "mean", layout)
     invstd = _check_channel_param(invstd, "invstd", layout)
     w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
     frozen = not training
     if not frozen:
         _check_training_batch(x, layout)
-    x3 = _view3(x, layout)
-    dy3 = _view3(dy, layout)
-    dx, dx3, tmp = _output(out, "out", layout, x.dtype, (x3, dy3))
-    sdy, sxmu = backend.backward(dy3, x3, dx3, mean, invstd, w, frozen)
+    dx, dx3, tmp = _output(out, "out", layout, x.dtype, (x3, dy3, y3))
+    dres, dres3 = _residual_grad_output(return_residual_grad, x, layout, y3, dy3)
+    sdy, sxmu = backend.backward(dy3, x3, dx3, mean, invstd, w, frozen, y3, dres3)
     acc = _acc_dtype(x.dtype)
-    return _finish(dx, tmp), (invstd * sxmu).astype(acc), sdy.astype(acc)
+    result = (_finish(dx, tmp), (invstd * sxmu).astype(acc), sdy.astype(acc))
+    return result + (dres,) if return_residual_grad else result
+
+
+def _check_backward_data(dy, x, axis, activation, y):
+    x = _check_data(x, "x")
+    dy = _check_data(dy, "dy")
+    layout = _Layout(x.shape, axis)
+    dy3 = _check_like(dy, "dy", x, layout)
+    y3 = _activation_inputs(activation, y, x, layout)
+    return x, dy3, _view3(x, layout), layout, y3
+
+
+def _residual_grad_output(wanted, x, layout, y3, dy3):
+    """(dresidual array, its view for the kernel) — the masked dy, or dy itself without an
+    activation."""
+    if not wanted:
+        return None, None
+    dres = np.empty(layout.shape, x.dtype)
+    if y3 is None:
+        dres.reshape(layout.shape3)[...] = dy3
+        return dres, None
+    return dres, dres.reshape(layout.shape3)
+
+
+# ------------------------------------------------------------------ split primitives
+# The pieces the one-call functions are made of, public for custom or cross-process
+# synchronization: welford -> Moments.merge / merge_moments -> normalize for the forward;
+# backward_reduce -> (sum across processes) -> backward_elementwise for the backward.
+# With the statistics of one process they give the bits of the one-call functions.
+
+def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None, activation=None,
+              residual=None):
+    """Elementwise batch norm with given statistics:
+    ``activation((x - mean) * invstd * weight + bias + residual)``.
+
+    The forward's second half: with ``mean = m.mean`` and ``invstd = m.invstd(eps)`` of
+    the (merged) ``Moments`` m, it reproduces `batch_norm_forward` bit for bit.
+
+    Parameters
+    ----------
+    x : array_like, at least 2-D, floating
+    mean, invstd : array_like of shape (C,)
+    weight, bias : array_like of shape (C,), optional
+    axis : int, default 1
+    out : ndarray, optional
+    activation : {None, 'relu'}, optional
+    residual : array_like, optional
+
+    Returns
+    -------
+    y : ndarray
+        Shape and dtype of x.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn as fbn
+    >>> x = np.random.default_rng(0).normal(size=(8, 3, 5)).astype(np.float32)
+    >>> m = fbn.merge_moments([fbn.welford(x[:3]), fbn.welford(x[3:])])  # e.g. two workers
+    >>> y = fbn.normalize(x, m.mean, m.invstd(1e-5))
+    >>> bool(np.allclose(y, fbn.batch_norm_forward(x)[0], atol=1e-6))
+    True
+    """
+    _, backend = backend_for(x, mean, invstd, weight, bias, out, residual)
+    x = _check_data(x, "x")
+    layout = _Layout(x.shape, axis)
+    relu = _check_activation(activation)
+    res3 = None if residual is None else _check_like(residual, "residual", x, layout)
+    mean = _check_channel_param(mean, "mean", layout)
+    invstd = _check_channel_param(invstd, "invstd", layout)
+    w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
+    b = np.zeros(layout.C) if bias is None else _check_channel_param(bias, "bias", layout)
+    x3 = _view3(x, layout)
+    y, y3, tmp = _output(out, "out", layout, x.dtype, (x3, res3))
+    backend.normalize(x3, y3, mean, w * invstd, b, res3, relu)
+    return _finish(y, tmp)
+
+
+def backward_reduce(dy, x, mean, invstd, *, axis=1, activation=None, y=None):
+    """Per-channel reductions of the backward: ``sum(dy)`` and ``sum(dy * xhat)``.
+
+    They are dbias and dweight of the local batch; across processes, sum them (in a fixed
+    order) and pass the totals to `backward_elementwise`.
+
+    Parameters
+    ----------
+    dy, x : array_like
+        Gradient of y, and the forward input (one shape and dtype).
+    mean, invstd : array_like of shape (C,)
+        The statistics the forward normalized with.
+    axis : int, default 1
+    activation : {None, 'relu'}, optional
+    y : array_like, optional
+        The forward output, with ``activation='relu'``.
+
+    Returns
+    -------
+    sum_dy, sum_dy_xhat : ndarray of shape (C,), float64
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn as fbn
+    >>> x = np.random.default_rng(1).normal(size=(6, 2, 4))
+    >>> dy = np.ones_like(x)
+    >>> y, mean, invstd = fbn.batch_norm_forward(x)
+    >>> sum_dy, sum_dy_xhat = fbn.backward_reduce(dy, x, mean, invstd)
+    >>> sum_dy, bool(np.allclose(sum_dy_xhat, 0))
+    (array([24., 24.]), True)
+    """
+    _, backend = backend_for(dy, x, mean, invstd, y)
+    x, dy3, x3, layout, y3 = _check_backward_data(dy, x, axis, activation, y)
+    mean = _check_channel_param(mean, "mean", layout)
+    invstd = _check_channel_param(invstd, "invstd", layout)
+    sdy, sxmu = backend.backward_reduce(dy3, x3, mean, y3)
+    return sdy, invstd * sxmu
+
+
+def backward_elementwise(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count, *, axis=1,
+                         out=None, activation=None, y=None, return_residual_grad=False):
+    """dx of batch norm from the (global) backward sums::
+
+        dx = weight * invstd / count * (count * dy - sum_dy - xhat * sum_dy_xhat)
+
+    `count` is the number of elements per channel the statistics were computed over
+    (all processes together). With local sums it reproduces `batch_norm_backward` bit
+    for bit.
+
+    Parameters
+    ----------
+    dy, x : array_like
+    mean, invstd : array_like of shape (C,)
+    weight : array_like of shape (C,) or None
+    sum_dy, sum_dy_xhat : array_like of shape (C,)
+        From `backward_reduce`, summed over every piece of the batch.
+    count : int
+        Elements per channel of the whole batch (> 1).
+    axis : int, default 1
+    out : ndarray, optional
+    activation : {None, 'relu'}, optional
+    y : array_like, optional
+    return_residual_grad : bool, default False
+
+    Returns
+    -------
+    dx : ndarray
+        (and the residual's gradient with ``return_residual_grad=True``)
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn as fbn
+    >>> x = np.random.default_rng(2).normal(size=(6, 2, 4))
+    >>> dy = np.random.default_rng(3).normal(size=x.shape)
+    >>> y, mean, invstd = fbn.batch_norm_forward(x)
+    >>> sums = fbn.backward_reduce(dy, x, mean, invstd)
+    >>> dx = fbn.backward_elementwise(dy, x, mean, invstd, None, *sums, count=24)
+    >>> bool(np.array_equal(dx, fbn.batch_norm_backward(dy, x, mean, invstd)[0]))
+    True
+    """
+    _, backend = backend_for(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, out, y)
+    x, dy3, x3, layout, y3 = _check_backward_data(dy, x, axis, activation, y)
+    mean = _check_channel_param(mean, "mean", layout)
+    invstd = _check_channel_param(invstd, "invstd", layout)
+    w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
+    sdy = _check_channel_param(sum_dy, "sum_dy", layout)
+    sdx = _check_channel_param(sum_dy_xhat, "sum_dy_xhat", layout)
+    try:
+        count = operator.index(count)
+    except TypeError:
+        raise TypeError(f"count must be an int, got: count={count!r}") from None
+    if count < 2:
+        raise ValueError(f"count must be > 1 (elements per channel of the whole batch), got: "
+                         f"count={count}")
+    dx, dx3, tmp = _output(out, "out", layout, x.dtype, (x3, dy3, y3))
+    dres, dres3 = _residual_grad_output(return_residual_grad, x, layout, y3, dy3)
+    # the expressions of backward_coefficients() in src/bn_kernels.hpp
+    a = w * invstd
+    b = -a * invstd * sdx / count
+    c = -a * sdy / count
+    backend.backward_apply(dy3, x3, dx3, mean, a, b, c, False, y3, dres3)
+    _finish(dx, tmp)
+    return (dx, dres) if return_residual_grad else dx
 
 
 def get_backend(x):

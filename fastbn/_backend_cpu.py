@@ -3,6 +3,9 @@
 Every function receives views the Python layer (``_api``) already checked and shaped:
 the inner axis is contiguous (inner > 1) or the channel axis is (inner == 1); per-channel
 parameters are float64 (C,) arrays; outputs are preallocated. Nothing is re-checked.
+Optional fused extras: ``res3`` (residual added before the activation), ``relu``,
+``y3`` (forward output of a fused ReLU, masks the gradient), ``dres3`` (OUT: the masked
+gradient, i.e. the residual's gradient).
 """
 import numpy as np
 
@@ -21,25 +24,41 @@ def moments(x3):
     return count, mean, m2
 
 
-def train_forward(x3, y3, weight, bias, eps):
+def train_forward(x3, y3, weight, bias, eps, res3=None, relu=False):
     """Fused training forward into y3. -> (mean, biased var, invstd), float64 (C,)."""
     C = x3.shape[1]
     mean = np.empty(C)
     var = np.empty(C)
     invstd = np.empty(C)
-    _bn_cpu.train_forward(x3, y3, weight, bias, eps, mean, var, invstd, get_num_threads())
+    _bn_cpu.train_forward(x3, y3, weight, bias, eps, mean, var, invstd, get_num_threads(),
+                          res3, relu)
     return mean, var, invstd
 
 
-def normalize(x3, y3, mean, scale, shift):
-    """y3 = (x3 - mean) * scale + shift, per channel."""
-    _bn_cpu.normalize(x3, y3, mean, scale, shift, get_num_threads())
+def normalize(x3, y3, mean, scale, shift, res3=None, relu=False):
+    """y3 = relu?((x3 - mean) * scale + shift + res3?), per channel."""
+    _bn_cpu.normalize(x3, y3, mean, scale, shift, get_num_threads(), res3, relu)
 
 
-def backward(dy3, x3, dx3, mean, invstd, weight, frozen):
-    """Fused backward into dx3. -> (sum(dy), sum(dy * (x - mean))), float64 (C,)."""
+def backward(dy3, x3, dx3, mean, invstd, weight, frozen, y3=None, dres3=None):
+    """Fused backward into dx3. -> (sum(g), sum(g * (x - mean))), float64 (C,)."""
     C = x3.shape[1]
     sdy = np.empty(C)
     sxmu = np.empty(C)
-    _bn_cpu.backward(dy3, x3, dx3, mean, invstd, weight, frozen, sdy, sxmu, get_num_threads())
+    _bn_cpu.backward(dy3, x3, dx3, mean, invstd, weight, frozen, sdy, sxmu,
+                     get_num_threads(), y3, dres3)
     return sdy, sxmu
+
+
+def backward_reduce(dy3, x3, mean, y3=None):
+    """-> (sum(g), sum(g * (x - mean))), float64 (C,)."""
+    C = x3.shape[1]
+    sdy = np.empty(C)
+    sxmu = np.empty(C)
+    _bn_cpu.backward_reduce(dy3, x3, mean, sdy, sxmu, get_num_threads(), y3)
+    return sdy, sxmu
+
+
+def backward_apply(dy3, x3, dx3, mean, a, b, c, frozen, y3=None, dres3=None):
+    """dx3 = a*g + b*(x - mean) + c per channel."""
+    _bn_cpu.backward_apply(dy3, x3, dx3, mean, a, b, c, frozen, get_num_threads(), y3, dres3)

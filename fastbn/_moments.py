@@ -56,6 +56,21 @@ class Moments:
         """
         return _var(self.count, self.m2, ddof)
 
+    def invstd(self, eps=1e-5):
+        """``1 / sqrt(var + eps)`` (biased variance): what batch norm normalizes with.
+
+        The same expression as the CPU core, so ``normalize(x, m.mean, m.invstd(eps))``
+        reproduces ``batch_norm_forward`` bit for bit.
+
+        Examples
+        --------
+        >>> import numpy as np, fastbn as fbn
+        >>> fbn.welford(np.array([[1.0], [3.0]])).invstd(eps=0.0)
+        array([1.])
+        """
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return 1.0 / np.sqrt(self.m2 / float(self.count) + eps)
+
     def merge(self, other):
         """Chan's merge of two partials of disjoint data -> a new Moments.
 

@@ -29,30 +29,52 @@ def moments(x3):
     return count, mean, m2
 
 
-def train_forward(x3, y3, weight, bias, eps):
+def train_forward(x3, y3, weight, bias, eps, res3=None, relu=False):
     count, mean, m2 = moments(x3)
     var = m2 / count
     invstd = 1.0 / np.sqrt(var + eps)
-    normalize(x3, y3, mean, weight * invstd, bias)
+    normalize(x3, y3, mean, weight * invstd, bias, res3, relu)
     return mean, var, invstd
 
 
-def normalize(x3, y3, mean, scale, shift):
+def normalize(x3, y3, mean, scale, shift, res3=None, relu=False):
     y = (_f64(x3) - _per_channel(mean)) * _per_channel(scale) + _per_channel(shift)
+    if res3 is not None:
+        y = y + _f64(res3)
+    if relu:
+        y = np.where(y < 0, 0.0, y)  # keeps NaN, like torch.relu
     y3[...] = y.astype(y3.dtype)
 
 
-def backward(dy3, x3, dx3, mean, invstd, weight, frozen):
+def _grad(dy3, y3):
     g = _f64(dy3)
+    return g if y3 is None else np.where(_f64(y3) > 0, g, 0.0)
+
+
+def backward_reduce(dy3, x3, mean, y3=None):
+    g = _grad(dy3, y3)
     xmu = _f64(x3) - _per_channel(mean)
-    sdy = g.sum(axis=_AXES)
-    sxmu = (g * xmu).sum(axis=_AXES)
+    return g.sum(axis=_AXES), (g * xmu).sum(axis=_AXES)
+
+
+def backward_apply(dy3, x3, dx3, mean, a, b, c, frozen, y3=None, dres3=None):
+    g = _grad(dy3, y3)
+    if dres3 is not None:
+        dres3[...] = g.astype(dres3.dtype)
+    dx = g * _per_channel(a)
+    if not frozen:
+        dx = dx + (_f64(x3) - _per_channel(mean)) * _per_channel(b) + _per_channel(c)
+    dx3[...] = dx.astype(dx3.dtype)
+
+
+def backward(dy3, x3, dx3, mean, invstd, weight, frozen, y3=None, dres3=None):
+    sdy, sxmu = backward_reduce(dy3, x3, mean, y3)
     a = weight * invstd
     if frozen:
-        dx = g * _per_channel(a)
+        b = c = np.zeros_like(a)
     else:
         m = x3.shape[0] * x3.shape[2]
-        dweight = invstd * sxmu
-        dx = _per_channel(a / m) * (m * g - _per_channel(sdy) - xmu * _per_channel(invstd * dweight))
-    dx3[...] = dx.astype(dx3.dtype)
+        b = -a * invstd * (invstd * sxmu) / m
+        c = -a * sdy / m
+    backward_apply(dy3, x3, dx3, mean, a, b, c, frozen, y3, dres3)
     return sdy, sxmu
