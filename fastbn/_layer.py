@@ -116,6 +116,11 @@ class BatchNorm:
         residual : ndarray, optional
             Added before the activation (shape and dtype of x).
         """
+        shape = x.shape if hasattr(x, "shape") else np.shape(x)
+        if len(shape) < 2 or not -len(shape) <= self.axis < len(shape) \
+                or shape[self.axis] != self.num_features:
+            raise ValueError(f"BatchNorm({self.num_features}) expected {self.num_features} "
+                             f"channels along axis={self.axis}, got: x.shape={tuple(shape)}")
         if self._population is not None:
             return self._population_forward(x, residual)
         use_batch_stats = self.training or self.running_mean is None
