@@ -14,13 +14,22 @@ from ._threads import get_num_threads
 
 name = "cpu"
 
+# Below this many elements a call runs on one thread: waking an OpenMP team costs more
+# than the work (and, with BLAS threads spinning on a small machine, much more). The
+# results are the same bits either way.
+_PARALLEL_MIN_ELEMENTS = 1 << 16
+
+
+def _threads(a):
+    return 1 if a.size < _PARALLEL_MIN_ELEMENTS else get_num_threads()
+
 
 def moments(x3):
     """-> (count, mean, m2) with float64 mean and M2 (sum of squared deviations)."""
     C = x3.shape[1]
     mean = np.empty(C)
     m2 = np.empty(C)
-    count = _bn_cpu.moments(x3, mean, m2, get_num_threads())
+    count = _bn_cpu.moments(x3, mean, m2, _threads(x3))
     return count, mean, m2
 
 
@@ -30,14 +39,14 @@ def train_forward(x3, y3, weight, bias, eps, res3=None, relu=False):
     mean = np.empty(C)
     var = np.empty(C)
     invstd = np.empty(C)
-    _bn_cpu.train_forward(x3, y3, weight, bias, eps, mean, var, invstd, get_num_threads(),
+    _bn_cpu.train_forward(x3, y3, weight, bias, eps, mean, var, invstd, _threads(x3),
                           res3, relu)
     return mean, var, invstd
 
 
 def normalize(x3, y3, mean, scale, shift, res3=None, relu=False):
     """y3 = relu?((x3 - mean) * scale + shift + res3?), per channel."""
-    _bn_cpu.normalize(x3, y3, mean, scale, shift, get_num_threads(), res3, relu)
+    _bn_cpu.normalize(x3, y3, mean, scale, shift, _threads(x3), res3, relu)
 
 
 def backward(dy3, x3, dx3, mean, invstd, weight, frozen, y3=None, dres3=None):
@@ -45,8 +54,8 @@ def backward(dy3, x3, dx3, mean, invstd, weight, frozen, y3=None, dres3=None):
     C = x3.shape[1]
     sdy = np.empty(C)
     sxmu = np.empty(C)
-    _bn_cpu.backward(dy3, x3, dx3, mean, invstd, weight, frozen, sdy, sxmu,
-                     get_num_threads(), y3, dres3)
+    _bn_cpu.backward(dy3, x3, dx3, mean, invstd, weight, frozen, sdy, sxmu, _threads(x3),
+                     y3, dres3)
     return sdy, sxmu
 
 
@@ -55,10 +64,10 @@ def backward_reduce(dy3, x3, mean, y3=None):
     C = x3.shape[1]
     sdy = np.empty(C)
     sxmu = np.empty(C)
-    _bn_cpu.backward_reduce(dy3, x3, mean, sdy, sxmu, get_num_threads(), y3)
+    _bn_cpu.backward_reduce(dy3, x3, mean, sdy, sxmu, _threads(x3), y3)
     return sdy, sxmu
 
 
 def backward_apply(dy3, x3, dx3, mean, a, b, c, frozen, y3=None, dres3=None):
     """dx3 = a*g + b*(x - mean) + c per channel."""
-    _bn_cpu.backward_apply(dy3, x3, dx3, mean, a, b, c, frozen, get_num_threads(), y3, dres3)
+    _bn_cpu.backward_apply(dy3, x3, dx3, mean, a, b, c, frozen, _threads(x3), y3, dres3)

@@ -9,6 +9,13 @@ from threadpoolctl import threadpool_info, threadpool_limits
 import fastbn as fbn
 from conftest import make_data
 
+@pytest.fixture(autouse=True)
+def _always_parallel(monkeypatch):
+    """Small calls normally run on one thread; here every call uses the whole team."""
+    from fastbn import _backend_cpu
+    monkeypatch.setattr(_backend_cpu, "_PARALLEL_MIN_ELEMENTS", 0)
+
+
 # odd sizes; shapes with many chunks (so several threads share a channel) and few channels
 SHAPES = [((97, 3, 1001), 1), ((5, 2, 70001), 1), ((40000, 3), -1), ((64, 9, 101), 1),
           ((8, 33, 17, 5), -1), ((3, 500, 7), 1)]
