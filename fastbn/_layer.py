@@ -6,7 +6,7 @@ import numpy as np
 from ._api import batch_norm, batch_norm_backward, batch_norm_forward, welford
 from ._moments import merge_moments
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "SyncBatchNorm"]
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -254,3 +254,74 @@ class BatchNorm:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
                 f"axis={self.axis}, dtype={self.dtype.name}, activation={self.activation!r})")
+
+
+class SyncBatchNorm(BatchNorm):
+    """BatchNorm whose training-mode statistics and gradients span every rank of `comm`
+    (data-parallel training; see `sync_batch_norm_forward`).
+
+    Parameters
+    ----------
+    num_features : int
+    comm : mpi4py-style communicator
+        ``Get_rank``, ``Get_size``, ``allgather``, ``Allgather``.
+    **kwargs
+        As for `BatchNorm`.
+
+    Evaluation mode uses the running statistics, which are identical on every rank.
+    ``grad_weight``/``grad_bias`` are the gradients of the whole global batch (equal on
+    every rank). In population mode each rank accumulates its own batches only.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn as fbn
+    >>> class OneProcess:  # the communicator duck type, for a single process
+    ...     def Get_rank(self): return 0
+    ...     def Get_size(self): return 1
+    ...     def allgather(self, obj): return [obj]
+    ...     def Allgather(self, send, recv): recv[0] = send
+    >>> bn = fbn.SyncBatchNorm(3, comm=OneProcess())
+    >>> x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    >>> bool(np.allclose(bn(x), fbn.BatchNorm(3)(x), atol=1e-6))
+    True
+    """
+
+    def __init__(self, num_features, *, comm, **kwargs):
+        super().__init__(num_features, **kwargs)
+        from ._sync import _check_comm
+        _check_comm(comm)
+        self.comm = comm
+
+    def forward(self, x, residual=None):
+        from ._sync import sync_batch_norm_forward
+        if not self.training or self._population is not None:
+            return super().forward(x, residual)
+        update = self.track_running_stats
+        momentum = self.momentum
+        if update and momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)
+        y, mean, invstd = sync_batch_norm_forward(
+            x, self.weight, self.bias, self.running_mean if update else None,
+            self.running_var if update else None, comm=self.comm,
+            momentum=0.0 if momentum is None else momentum, eps=self.eps, axis=self.axis,
+            activation=self.activation, residual=residual)
+        if update:
+            self.num_batches_tracked += 1
+        self._cache = (x, mean, invstd, y, False, residual is not None, True)
+        return y
+
+    def backward(self, dy):
+        from ._sync import sync_batch_norm_backward
+        if self._cache is None or len(self._cache) == 6:
+            return super().backward(dy)
+        x, mean, invstd, y, _, had_residual, _ = self._cache
+        relu = self.activation == "relu"
+        out = sync_batch_norm_backward(dy, x, mean, invstd, self.weight, comm=self.comm,
+                                       axis=self.axis, activation=self.activation,
+                                       y=y if relu else None,
+                                       return_residual_grad=had_residual)
+        self.grad_residual = out[3] if had_residual else None
+        if self.affine:
+            self.grad_weight = out[1].astype(self.dtype)
+            self.grad_bias = out[2].astype(self.dtype)
+        return out[0]

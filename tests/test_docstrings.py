@@ -4,10 +4,10 @@ import doctest
 import pytest
 
 import fastbn
-from fastbn import _api, _inference, _layer, _moments, _threads
+from fastbn import _api, _inference, _layer, _moments, _sync, _threads
 
 
-@pytest.mark.parametrize("module", [_api, _moments, _threads, _inference, _layer], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [_api, _moments, _threads, _inference, _layer, _sync], ids=lambda m: m.__name__)
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0
