@@ -1,0 +1,38 @@
+"""Synchronized BN under mpirun (-n 1..4, --oversubscribe): equal to single-process BN on
+the concatenated batch, with uneven splits, an empty rank, channels-last and fused
+activations; a mismatched or failing rank gives a clear error on every rank, not a hang."""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("mpi4py")
+MPIRUN = shutil.which("mpirun")
+WORKER = pathlib.Path(__file__).with_name("mpi_worker.py")
+pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun (OpenMPI) not installed")
+
+
+def _mpirun(n, case, timeout=120):
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMP_NUM_THREADS="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    cmd = [MPIRUN, "-n", str(n), "--oversubscribe", sys.executable, str(WORKER), case]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=WORKER.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(f"{case} OK") == n, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("case", ["even", "uneven", "uneven-empty", "uneven-empty-nhwc",
+                                  "uneven-relu", "empty-nhwc-relu"])
+def test_sync_bn_equals_whole_batch(n, case):
+    _mpirun(n, case)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("case", ["mismatch", "failing"])
+def test_bad_rank_raises_everywhere(n, case):
+    _mpirun(n, case)
