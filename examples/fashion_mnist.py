@@ -121,10 +121,11 @@ class Sigmoid:
 
 
 class BN:
-    """fastbn.BatchNorm as a network layer (channels = features, axis=1 of (N, C))."""
+    """fastbn.BatchNorm as a network layer (channels = features, axis=1 of (N, C));
+    `make` builds the fastbn layer (fastbn.SyncBatchNorm for data-parallel training)."""
 
-    def __init__(self, n):
-        self.layer = fbn.BatchNorm(n)
+    def __init__(self, n, make=fbn.BatchNorm):
+        self.layer = make(n)
 
     def forward(self, x):
         return self.layer(x)
@@ -142,14 +143,14 @@ class BN:
 class MLP:
     """784-100-100-100-10 sigmoid network, with BN before each sigmoid or without."""
 
-    def __init__(self, batch_norm, init_std, seed, hidden=(100, 100, 100)):
+    def __init__(self, batch_norm, init_std, seed, hidden=(100, 100, 100), make_bn=fbn.BatchNorm):
         rng = np.random.default_rng(seed)
         sizes = (784,) + tuple(hidden)
         self.layers = []
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
             self.layers.append(Linear(n_in, n_out, init_std, rng))
             if batch_norm:
-                self.layers.append(BN(n_out))
+                self.layers.append(BN(n_out, make_bn))
             self.layers.append(Sigmoid())
         self.layers.append(Linear(sizes[-1], 10, init_std, rng))
         self.probe_index = len(self.layers) - 2  # the last sigmoid: watch its input
@@ -167,27 +168,42 @@ class MLP:
             x = layer.forward(x)
         return (x, probed) if probe else x
 
-    def step(self, x, labels, lr):
+    def step(self, x, labels, lr, batch_total=None, reduce_grad=None):
+        """One SGD step. Data-parallel: `batch_total` is the global batch size and
+        `reduce_grad(array)` sums an affine layer's gradient over the processes (the BN
+        layers' gradients are global already)."""
         logits = self.forward(x)
-        loss, g = softmax_cross_entropy(logits, labels)
+        loss, g = softmax_cross_entropy(logits, labels, batch_total)
         for layer in reversed(self.layers):
             g = layer.backward(g)
         for layer in self.layers:
             if hasattr(layer, "params"):
                 owner = layer.owner() if isinstance(layer, BN) else layer
                 for p, grad_name in layer.params():
-                    p -= lr * getattr(owner, grad_name)
+                    grad = getattr(owner, grad_name)
+                    if reduce_grad is not None and isinstance(layer, Linear):
+                        grad = reduce_grad(grad)
+                    p -= lr * grad
         return loss
 
+    def parameters(self):
+        out = []
+        for layer in self.layers:
+            if hasattr(layer, "params"):
+                out.extend(p for p, _ in layer.params())
+        return out
 
-def softmax_cross_entropy(logits, labels):
+
+def softmax_cross_entropy(logits, labels, batch_total=None):
+    """Mean cross-entropy over the (global) batch and its gradient for these rows."""
     z = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
     n = len(labels)
-    loss = -np.log(p[np.arange(n), labels] + 1e-12).mean()
+    total = batch_total or n
+    loss = -np.log(p[np.arange(n), labels] + 1e-12).sum() / total
     p[np.arange(n), labels] -= 1.0
-    return float(loss), (p / n).astype(np.float32)
+    return float(loss), (p / total).astype(np.float32)
 
 
 def accuracy(net, x, labels, probe=False):

@@ -36,3 +36,21 @@ def test_sync_bn_equals_whole_batch(n, case):
 @pytest.mark.parametrize("case", ["mismatch", "failing"])
 def test_bad_rank_raises_everywhere(n, case):
     _mpirun(n, case)
+
+
+def test_data_parallel_example_matches_one_process():
+    example = WORKER.parents[1] / "examples" / "fashion_mnist_mpi.py"
+    if not example.exists() or not pathlib.Path("/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip("example or Fashion-MNIST data not available")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([MPIRUN, "-n", "4", "--oversubscribe", sys.executable, str(example),
+                           "--steps", "20", "--check"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    worst = float(last.rsplit(" ", 1)[1])
+    assert worst < 1e-5, proc.stdout
+    accs = [line.split("test accuracy ")[1][:6] for line in proc.stdout.splitlines()
+            if "test accuracy" in line]
+    assert len(accs) == 2 and accs[0] == accs[1], proc.stdout
