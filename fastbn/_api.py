@@ -234,7 +234,9 @@ def welford(x, axis=1):
 
 
 def _welford(x, axis):
-    _, backend = backend_for(x)
+    name, backend = backend_for(x)
+    if name == "dask":
+        return backend.welford(x, axis), x.dtype
     x = _check_data(x, "x")
     layout = _Layout(x.shape, axis)
     count, mean, m2 = backend.moments(_view3(x, layout))
@@ -273,6 +275,9 @@ def moments(x, axis=1, *, ddof=0):
         ddof = operator.index(ddof)
     except TypeError:
         raise TypeError(f"ddof must be an int, got: ddof={ddof!r}") from None
+    if backend_name_for(x) == "dask":
+        from . import _dask
+        return _dask.moments(x, axis, ddof)
     m, dtype = _welford(x, axis)
     acc = _acc_dtype(dtype)
     mean = m.mean if m.count else np.full_like(m.mean, np.nan)
@@ -374,7 +379,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     >>> bool(y_relu.min() == 0)
     True
     """
-    _, backend = backend_for(x, running_mean, running_var, weight, bias, out, residual)
+    name, backend = backend_for(x, running_mean, running_var, weight, bias, out, residual)
+    if name == "dask":
+        _no_out_for_dask(out)
+        return backend.batch_norm(x, running_mean, running_var, weight, bias, training,
+                                  momentum, eps, axis, activation, residual)
     if training:
         return _train(backend, x, weight, bias, running_mean, running_var, momentum, eps,
                       axis, out, activation, residual)[0]
@@ -437,7 +446,11 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     >>> y.shape, mean.dtype, invstd.shape
     ((16, 3, 5), dtype('float32'), (3,))
     """
-    _, backend = backend_for(x, weight, bias, running_mean, running_var, out, residual)
+    name, backend = backend_for(x, weight, bias, running_mean, running_var, out, residual)
+    if name == "dask":
+        _no_out_for_dask(out)
+        return backend.batch_norm(x, running_mean, running_var, weight, bias, True, momentum,
+                                  eps, axis, activation, residual, return_stats=True)
     y, mean, invstd = _train(backend, x, weight, bias, running_mean, running_var, momentum,
                              eps, axis, out, activation, residual)
     acc = _acc_dtype(y.dtype)
@@ -514,7 +527,15 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     return result + (dres,) if return_residual_grad else result
 
 
+def _no_out_for_dask(out):
+    if out is not None:
+        raise TypeError("out= is not supported for Dask arrays (results are lazy)")
+
+
 def _check_backward_data(dy, x, axis, activation, y):
+    if backend_name_for(dy, x, y) == "dask":
+        raise TypeError("the backward functions take NumPy arrays; Dask arrays are supported "
+                        "by moments, welford, batch_norm, batch_norm_forward and normalize")
     x = _check_data(x, "x")
     dy = _check_data(dy, "dy")
     layout = _Layout(x.shape, axis)
@@ -573,7 +594,16 @@ def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None, acti
     >>> bool(np.allclose(y, fbn.batch_norm_forward(x)[0], atol=1e-6))
     True
     """
-    _, backend = backend_for(x, mean, invstd, weight, bias, out, residual)
+    name, backend = backend_for(x, mean, invstd, weight, bias, out, residual)
+    if name == "dask":
+        _no_out_for_dask(out)
+        layout = backend._checked(x, axis)
+        _check_activation(activation)
+        return backend.normalize(x, _check_channel_param(mean, "mean", layout),
+                                 _check_channel_param(invstd, "invstd", layout),
+                                 None if weight is None else _check_channel_param(weight, "weight", layout),
+                                 None if bias is None else _check_channel_param(bias, "bias", layout),
+                                 layout, activation, residual)
     x = _check_data(x, "x")
     layout = _Layout(x.shape, axis)
     relu = _check_activation(activation)

@@ -23,8 +23,14 @@ def _describe(a):
     return f"{t.__module__}.{t.__qualname__}"
 
 
+def is_dask_array(a):
+    dask_array = sys.modules.get("dask.array")
+    return dask_array is not None and isinstance(a, dask_array.Array)
+
+
 def array_family(a):
-    """'numpy' for NumPy arrays and array-likes, 'cupy' for CuPy arrays.
+    """'numpy' for NumPy arrays and array-likes, 'cupy' for CuPy arrays, 'dask' for Dask
+    arrays.
 
     Raises TypeError for array types fastbn cannot take (device arrays of other
     libraries, masked arrays, numpy.matrix)."""
@@ -36,6 +42,8 @@ def array_family(a):
         return "numpy"
     if is_cupy_array(a):
         return "cupy"
+    if is_dask_array(a):
+        return "dask"
     if hasattr(a, "__cuda_array_interface__"):
         raise TypeError(f"unsupported array type {_describe(a)}: fastbn takes NumPy arrays, "
                         "CuPy arrays, or array-likes convertible with numpy.asarray")
@@ -65,7 +73,8 @@ _REGISTRY = {"numpy": _cpu_backend, "cupy": _cuda_backend}
 def backend_name_for(*arrays):
     """Name of the backend that runs a call on these arrays ('cpu', 'reference', ...).
 
-    None entries are skipped. Mixed array types raise TypeError naming them."""
+    None entries are skipped. Mixed array types raise TypeError naming them; a Dask
+    array may come with NumPy per-channel parameters."""
     family = None
     first = None
     for a in arrays:
@@ -75,11 +84,16 @@ def backend_name_for(*arrays):
         if family is None:
             family, first = f, a
         elif f != family:
+            if {family, f} == {"dask", "numpy"}:
+                family, first = "dask", (a if f == "dask" else first)
+                continue
             raise TypeError(
                 f"mixed array types: {_describe(first)} and {_describe(a)}; pass all arrays "
                 "of one type (all NumPy or all CuPy)")
     if family == "cupy":
         return "cuda"
+    if family == "dask":
+        return "dask"
     forced = os.environ.get(_BACKEND_ENV)
     if forced:
         if forced not in _BACKEND_NAMES:
@@ -93,6 +107,9 @@ def backend_for(*arrays):
     name = backend_name_for(*arrays)
     if name == "cuda":
         return name, _cuda_backend()
+    if name == "dask":
+        from . import _dask
+        return name, _dask
     if name == "reference":
         return name, _reference_backend()
     return name, _cpu_backend()
