@@ -724,10 +724,11 @@ def backward_elementwise(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count
 
 
 def get_backend(x):
-    """Name of the backend that runs fastbn on `x`: "cpu", "reference" or "cuda".
+    """Name of the backend that runs fastbn on `x`: "cpu", "reference", "cuda" or "dask".
 
     NumPy arrays and array-likes run on "cpu" (the Cython/OpenMP core) unless
-    ``FASTBN_BACKEND=reference`` selects the pure-NumPy float64 reference.
+    ``FASTBN_BACKEND=reference`` selects the pure-NumPy float64 reference; Dask arrays
+    run lazily through "dask" (blocks on the backend of their type).
 
     Examples
     --------
