@@ -48,14 +48,46 @@ static const idx BLOCK = 2048;
 static const idx CHUNK = 32768;
 static const int LANES = 32;
 
-#if defined(__FLT16_MAX__)
-typedef _Float16 half;
+// IEEE binary16 (numpy.float16) and bfloat16 (ml_dtypes) as raw bits. The conversions
+// below are exact (round to nearest even, subnormals, Inf/NaN) and written branch-free in
+// integer/float arithmetic so that GCC vectorizes them in every clone; compilers'
+// _Float16 conversions stay scalar (or become libgcc calls) in loops, and not every
+// compiler has _Float16.
+struct half { uint16_t bits; };
 #define FASTBN_HAVE_HALF 1
-#else
-struct half { uint16_t bits; };  // placeholder: float16 is rejected at Python level
-#define FASTBN_HAVE_HALF 0
-#endif
 struct bf16 { uint16_t bits; };
+
+FASTBN_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+FASTBN_INLINE uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// F. Giesen's half -> float: shift exponent/mantissa into place, then fix up the
+// exponent for Inf/NaN and renormalize subnormals.
+FASTBN_INLINE float half_to_float(uint16_t h) {
+    const uint32_t shifted_exp = 0x7c00u << 13;
+    uint32_t o = (uint32_t)(h & 0x7fffu) << 13;
+    uint32_t exp = shifted_exp & o;
+    o += (127u - 15u) << 23;
+    uint32_t inf_nan = o + ((128u - 16u) << 23);
+    float denormal = bits_to_float(o + (1u << 23)) - bits_to_float(113u << 23);
+    uint32_t r = exp == shifted_exp ? inf_nan : o;
+    r = exp == 0 ? float_to_bits(denormal) : r;
+    return bits_to_float(r | ((uint32_t)(h & 0x8000u) << 16));
+}
+
+// F. Giesen's float -> half with round to nearest even.
+FASTBN_INLINE uint16_t float_to_half(float v) {
+    uint32_t u = float_to_bits(v);
+    uint32_t sign = u & 0x80000000u;
+    u ^= sign;
+    const uint32_t f32_inf = 255u << 23, f16_max = (127u + 16u) << 23;
+    const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+    uint32_t inf_nan = u > f32_inf ? 0x7e00u : 0x7c00u;
+    uint32_t denormal = float_to_bits(bits_to_float(u) + bits_to_float(denorm_magic)) - denorm_magic;
+    uint32_t mant_odd = (u >> 13) & 1u;
+    uint32_t normal = (u + (((uint32_t)(15 - 127)) << 23) + 0xfffu + mant_odd) >> 13;
+    uint32_t o = u >= f16_max ? inf_nan : (u < (113u << 23) ? denormal : normal);
+    return (uint16_t)(o | (sign >> 16));
+}
 
 // Compute type of the elementwise passes: double for double data, float otherwise.
 template <class T> struct compute_of { typedef float type; };
@@ -63,22 +95,14 @@ template <> struct compute_of<double> { typedef double type; };
 
 FASTBN_INLINE float to_compute(float v) { return v; }
 FASTBN_INLINE double to_compute(double v) { return v; }
-#if FASTBN_HAVE_HALF
-FASTBN_INLINE float to_compute(half v) { return (float)v; }
-FASTBN_INLINE void store(half* p, float v) { *p = (half)v; }
-#endif
-FASTBN_INLINE float to_compute(bf16 v) {
-    uint32_t u = (uint32_t)v.bits << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
+FASTBN_INLINE float to_compute(half v) { return half_to_float(v.bits); }
+FASTBN_INLINE void store(half* p, float v) { p->bits = float_to_half(v); }
+FASTBN_INLINE float to_compute(bf16 v) { return bits_to_float((uint32_t)v.bits << 16); }
 FASTBN_INLINE void store(float* p, float v) { *p = v; }
 FASTBN_INLINE void store(double* p, double v) { *p = v; }
 FASTBN_INLINE void store(bf16* p, float v) {
     // round to nearest even; NaN stays a (quiet) NaN
-    uint32_t u;
-    std::memcpy(&u, &v, 4);
+    uint32_t u = float_to_bits(v);
     uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     uint32_t quiet_nan = (u >> 16) | 0x40u;
     p->bits = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);

@@ -298,3 +298,18 @@ def test_half_statistics_are_float32():
     rm, rv = np.zeros(3, np.float16), np.ones(3, np.float16)
     fbn.batch_norm(x, rm, rv, training=True)
     assert rm.dtype == np.float16 and np.all(rm != 0)
+
+
+def test_float16_conversions_are_exact_for_every_value():
+    """Every float16 bit pattern through the kernels' half <-> float conversions: the
+    identity returns the input, and a float32 scale rounds like numpy (nearest even,
+    subnormals, overflow to Inf, NaN stays NaN)."""
+    h = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(-1, 1)
+    nan = np.isnan(h)
+    y = fbn.normalize(h, np.zeros(1), np.ones(1))
+    assert np.array_equal(y[~nan], h[~nan]) and np.isnan(y[nan]).all()
+    for scale in (1.0 + 2.0 ** -11, 0.7, 3.1e4, 1e-5):
+        y = fbn.normalize(h, np.zeros(1), np.full(1, scale))
+        expected = (h.astype(np.float32) * np.float32(scale)).astype(np.float16)
+        assert np.array_equal(y[~nan], expected[~nan]), scale
+        assert np.isnan(y[nan]).all()

@@ -1,0 +1,301 @@
+"""Side-by-side: fastbn vs PyTorch CPU vs naive NumPy, against this machine's bandwidth.
+
+One process, same thread count for every library; enough input buffers are rotated that
+inputs are not cache-resident (more than 3x the last-level cache in total); peers are
+interleaved call by call and each figure is the median of many repeats. The machine's
+bandwidth is measured here too: a 2-thread copy (read + write bytes) and a 2-thread
+read-only pass over 256 MB.
+
+Per case it prints: ms per call for each peer, GB/s of ideal traffic (the bytes the
+op must move: training forward and inference read x and write y, backward reads dy and
+x and writes dx, moments reads x), that as % of the measured copy (or read) bandwidth,
+speed-ups of fastbn over PyTorch and NumPy, fastbn's 2-thread over 1-thread speed-up, and
+the peak memory a fastbn call allocates beyond its outputs (tracemalloc). Writes JSON
+and a bar-chart PNG.
+
+Run:  python benchmarks/compare.py [--threads 2] [--repeats 25] [--quick]
+                                   [--json compare.json] [--png compare.png]
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import time
+import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import fastbn as fbn
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # the comparison still runs, without the torch column
+    torch = None
+
+LLC_BYTES = 32 * 2 ** 20
+EPS = 1e-5
+
+
+# ------------------------------------------------------------------ machine bandwidth
+
+def measure_bandwidth(threads, nbytes=256 * 2 ** 20, repeats=9):
+    n = nbytes // 4
+    src = np.ones(n, np.float32)
+    dst = np.empty_like(src)
+    parts = np.array_split(np.arange(n), threads)
+    bounds = [(p[0], p[-1] + 1) for p in parts]
+    pool = ThreadPoolExecutor(threads)
+
+    def copy():
+        list(pool.map(lambda b: np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]]), bounds))
+
+    def read():
+        list(pool.map(lambda b: src[b[0]:b[1]].sum(), bounds))
+
+    out = {}
+    for name, fn, mult in (("copy", copy, 2), ("read", read, 1)):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        out[name] = mult * src.nbytes / float(np.median(times)) / 1e9
+    pool.shutdown()
+    return out
+
+
+# ------------------------------------------------------------------ cases
+
+def _axes(ndim, axis):
+    return tuple(i for i in range(ndim) if i != axis % ndim)
+
+
+def _bcast(v, ndim, axis):
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return v.reshape(shape)
+
+
+class Case:
+    def __init__(self, op, shape, dtype="float32", layout="nchw", torch_dtype=None, label=None):
+        self.op, self.shape, self.dtype, self.layout = op, shape, np.dtype(dtype), layout
+        self.torch_dtype = torch_dtype
+        self.axis = -1 if layout == "nhwc" else 1
+        self.label = label or f"{op} {'x'.join(map(str, shape))} {layout} {dtype}"
+
+    @property
+    def passes(self):
+        return {"train": 2, "infer": 2, "backward": 3, "moments": 1}[self.op]
+
+
+def default_cases(quick):
+    big = (32, 64, 56, 56)
+    cases = [Case(op, big, layout=lay) for op in ("train", "infer", "backward", "moments")
+             for lay in ("nchw", "nhwc")]
+    if not quick:
+        for shape, dtype in (((128, 512, 7, 7), "float32"), ((8, 256, 28, 28), "float64"),
+                             ((256, 2048), "float32")):
+            cases += [Case(op, shape, dtype) for op in ("train", "infer", "backward")]
+        cases += [Case(op, big, "float16", torch_dtype="bfloat16",
+                       label=f"{op} {'x'.join(map(str, big))} float16 (torch bfloat16)")
+                  for op in ("train", "infer", "backward")]
+    cases += [Case("train", (16, 32, 8, 8), label="small train 16x32x8x8 (whole call)")]
+    return cases
+
+
+def _n_buffers(nbytes):
+    return int(min(64, max(2, math.ceil(3 * LLC_BYTES / max(nbytes, 1)) + 1)))
+
+
+def build(case, rng):
+    """Rotating inputs and the callables of each peer (each takes the buffer index)."""
+    shape = case.shape
+    if case.layout == "nhwc":
+        shape = (shape[0],) + shape[2:] + (shape[1],)
+    nbytes = int(np.prod(shape)) * case.dtype.itemsize
+    k = _n_buffers(nbytes)
+    xs = [rng.standard_normal(shape, dtype=np.float32).astype(case.dtype) for _ in range(k)]
+    dys = [rng.standard_normal(shape, dtype=np.float32).astype(case.dtype) for _ in range(k)] \
+        if case.op == "backward" else None
+    C = case.shape[1]
+    ax = case.axis
+    w = np.ones(C, np.float32)
+    b = np.zeros(C, np.float32)
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    _, mean, invstd = fbn.batch_norm_forward(xs[0], w, b, axis=ax)
+    peers = {}
+
+    if case.op == "train":
+        peers["fastbn"] = lambda i: fbn.batch_norm(xs[i], rm, rv, w, b, training=True, axis=ax)
+    elif case.op == "infer":
+        peers["fastbn"] = lambda i: fbn.batch_norm(xs[i], rm, rv, w, b, axis=ax)
+    elif case.op == "backward":
+        peers["fastbn"] = lambda i: fbn.batch_norm_backward(dys[i], xs[i], mean, invstd, w, axis=ax)
+    else:
+        peers["fastbn"] = lambda i: fbn.moments(xs[i], ax)
+
+    axes = _axes(len(shape), ax)
+    wb, bb = _bcast(w, len(shape), ax), _bcast(b, len(shape), ax)
+
+    def np_train(i):
+        x = xs[i]
+        m, v = x.mean(axis=axes, keepdims=True), x.var(axis=axes, keepdims=True)
+        return ((x - m) / np.sqrt(v + EPS) * wb + bb).astype(x.dtype)
+
+    def np_infer(i):
+        return ((xs[i] - _bcast(rm, len(shape), ax)) / np.sqrt(_bcast(rv, len(shape), ax) + EPS)
+                * wb + bb).astype(case.dtype)
+
+    def np_backward(i):
+        x, g = xs[i], dys[i]
+        m = x.size // C
+        mu, inv = _bcast(mean, len(shape), ax), _bcast(invstd, len(shape), ax)
+        xhat = (x - mu) * inv
+        db = g.sum(axis=axes, keepdims=True)
+        dw = (g * xhat).sum(axis=axes, keepdims=True)
+        return (wb * inv / m * (m * g - db - xhat * dw)).astype(x.dtype)
+
+    peers["numpy"] = {"train": np_train, "infer": np_infer, "backward": np_backward,
+                      "moments": lambda i: (xs[i].mean(axis=axes), xs[i].var(axis=axes))}[case.op]
+
+    if torch is not None:
+        tdt = getattr(torch, case.torch_dtype) if case.torch_dtype else None
+
+        def tt(a):
+            t = torch.from_numpy(a)
+            if tdt is not None:
+                t = t.to(tdt)
+            return t.permute(0, 3, 1, 2) if case.layout == "nhwc" else t
+
+        txs = [tt(x) for x in xs]
+        tdys = [tt(d) for d in dys] if dys is not None else None
+        pdt = torch.float64 if case.dtype == np.float64 else torch.float32
+        tw, tb = torch.ones(C, dtype=pdt), torch.zeros(C, dtype=pdt)
+        trm, trv = torch.zeros(C, dtype=pdt), torch.ones(C, dtype=pdt)
+        tmean, tinv = torch.from_numpy(mean.astype(np.float64)).to(pdt), torch.from_numpy(
+            invstd.astype(np.float64)).to(pdt)
+        if case.op == "train":
+            peers["torch"] = lambda i: F.batch_norm(txs[i], trm, trv, tw, tb, training=True)
+        elif case.op == "infer":
+            peers["torch"] = lambda i: F.batch_norm(txs[i], trm, trv, tw, tb, training=False)
+        elif case.op == "backward":
+            peers["torch"] = lambda i: torch.ops.aten.native_batch_norm_backward(
+                tdys[i], txs[i], tw, trm, trv, tmean, tinv, True, EPS, [True, True, True])
+        else:
+            peers["torch"] = lambda i: torch.var_mean(txs[i], dim=[0, 2, 3] if len(shape) == 4
+                                                      else [0], correction=0)
+
+    def one_thread(i, f=peers["fastbn"]):
+        n = fbn.get_num_threads()
+        fbn.set_num_threads(1)
+        try:
+            return f(i)
+        finally:
+            fbn.set_num_threads(n)
+
+    peers["fastbn 1 thread"] = one_thread
+    return peers, k, nbytes, (xs, dys)
+
+
+def peak_extra_bytes(fn):
+    """Peak bytes a call allocates (tracemalloc sees NumPy's allocations) minus what it
+    returns: hidden full-size temporaries show up here."""
+    fn(0)
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    result = fn(0)
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    out = result if isinstance(result, tuple) else (result,)
+    returned = sum(getattr(a, "nbytes", 0) for a in out)
+    return peak - returned
+
+
+def run_case(case, repeats, rng):
+    peers, k, nbytes, _ = build(case, rng)
+    for f in peers.values():  # warm up (page faults, lazy init, thread pools)
+        f(0)
+        f(1 % k)
+    times = {name: [] for name in peers}
+    i = 0
+    for _ in range(repeats):
+        for name, f in peers.items():
+            t = time.perf_counter()
+            f(i % k)
+            times[name].append(time.perf_counter() - t)
+            i += 1
+    med = {name: float(np.median(v)) for name, v in times.items()}
+    return {"case": case.label, "op": case.op, "shape": list(case.shape),
+            "dtype": case.dtype.name, "layout": case.layout, "buffers": k,
+            "bytes_per_pass": nbytes, "ideal_bytes": case.passes * nbytes,
+            "median_s": med, "extra_bytes": peak_extra_bytes(peers["fastbn"])}
+
+
+def report(rows, bw, threads):
+    head = (f"{'case':44} {'fastbn':>8} {'torch':>8} {'numpy':>8} {'GB/s':>6} {'%bw':>5} "
+            f"{'vs torch':>8} {'vs numpy':>8} {'2t/1t':>6} {'extra MB':>8}")
+    print(head)
+    for r in rows:
+        med = r["median_s"]
+        f = med["fastbn"]
+        gbs = r["ideal_bytes"] / f / 1e9
+        ref = bw["read"] if r["op"] == "moments" else bw["copy"]
+        t = med.get("torch")
+        print(f"{r['case'][:44]:44} {f * 1e3:8.3f} {t * 1e3 if t else float('nan'):8.3f} "
+              f"{med['numpy'] * 1e3:8.3f} {gbs:6.1f} {100 * gbs / ref:5.0f} "
+              f"{(t / f) if t else float('nan'):8.2f} {med['numpy'] / f:8.1f} "
+              f"{med['fastbn 1 thread'] / f:6.2f} {r['extra_bytes'] / 1e6:8.2f}")
+    print(f"(ms per call, medians; {threads} threads; bandwidth: copy {bw['copy']:.1f} GB/s, "
+          f"read {bw['read']:.1f} GB/s; %bw against copy, moments against read)")
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels = [r["case"] for r in rows]
+    vs_torch = [r["median_s"].get("torch", np.nan) / r["median_s"]["fastbn"] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
+    y = np.arange(len(rows))
+    ax.barh(y, vs_torch, color="tab:blue")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up of fastbn over PyTorch CPU (same threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=25)
+    p.add_argument("--quick", action="store_true", help="the (32,64,56,56) cases only")
+    p.add_argument("--json", default="compare.json")
+    p.add_argument("--png", default="compare.png")
+    args = p.parse_args()
+    fbn.set_num_threads(args.threads)
+    if torch is not None:
+        torch.set_num_threads(args.threads)
+    bw = measure_bandwidth(args.threads)
+    rng = np.random.default_rng(0)
+    rows = [run_case(c, args.repeats, rng) for c in default_cases(args.quick)]
+    report(rows, bw, args.threads)
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": args.threads, "torch": getattr(torch, "__version__", None),
+            "numpy": np.__version__, "fastbn": fbn.__version__, "bandwidth_gbs": bw,
+            "date": time.strftime("%Y-%m-%d")}
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    if args.png:
+        plot(rows, args.png)
+    print(f"wrote {args.json}" + (f", {args.png}" if args.png else ""))
+
+
+if __name__ == "__main__":
+    main()
