@@ -20,8 +20,18 @@ name = "cpu"
 _PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
+# Outputs at least this large are written with non-temporal (streaming) stores: they are
+# unlikely to be read again while still cached, and streaming saves the read that an
+# ordinary store of a missing cache line costs.
+_STREAM_MIN_BYTES = 8 << 20
+
+
 def _threads(a):
     return 1 if a.size < _PARALLEL_MIN_ELEMENTS else get_num_threads()
+
+
+def _stream(out):
+    return out.nbytes >= _STREAM_MIN_BYTES
 
 
 def moments(x3):
@@ -40,13 +50,13 @@ def train_forward(x3, y3, weight, bias, eps, res3=None, relu=False):
     var = np.empty(C)
     invstd = np.empty(C)
     _bn_cpu.train_forward(x3, y3, weight, bias, eps, mean, var, invstd, _threads(x3),
-                          res3, relu)
+                          res3, relu, _stream(y3))
     return mean, var, invstd
 
 
 def normalize(x3, y3, mean, scale, shift, res3=None, relu=False):
     """y3 = relu?((x3 - mean) * scale + shift + res3?), per channel."""
-    _bn_cpu.normalize(x3, y3, mean, scale, shift, _threads(x3), res3, relu)
+    _bn_cpu.normalize(x3, y3, mean, scale, shift, _threads(x3), res3, relu, _stream(y3))
 
 
 def backward(dy3, x3, dx3, mean, invstd, weight, frozen, y3=None, dres3=None):
@@ -55,7 +65,7 @@ def backward(dy3, x3, dx3, mean, invstd, weight, frozen, y3=None, dres3=None):
     sdy = np.empty(C)
     sxmu = np.empty(C)
     _bn_cpu.backward(dy3, x3, dx3, mean, invstd, weight, frozen, sdy, sxmu, _threads(x3),
-                     y3, dres3)
+                     y3, dres3, _stream(dx3))
     return sdy, sxmu
 
 
@@ -70,4 +80,5 @@ def backward_reduce(dy3, x3, mean, y3=None):
 
 def backward_apply(dy3, x3, dx3, mean, a, b, c, frozen, y3=None, dres3=None):
     """dx3 = a*g + b*(x - mean) + c per channel."""
-    _bn_cpu.backward_apply(dy3, x3, dx3, mean, a, b, c, frozen, _threads(x3), y3, dres3)
+    _bn_cpu.backward_apply(dy3, x3, dx3, mean, a, b, c, frozen, _threads(x3), y3, dres3,
+                           _stream(dx3))

@@ -35,6 +35,7 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
         idx res_so
         idx res_sc
         bint relu
+        bint stream
     ctypedef struct Activation:
         const void* y
         idx y_so
@@ -42,6 +43,7 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
         void* dres
         idx dres_so
         idx dres_sc
+        bint stream
     ctypedef struct half:
         pass
     ctypedef struct bf16:
@@ -254,9 +256,10 @@ cdef int _dtype_code(cnp.ndarray a):
 
 # --------------------------------------------------------------- forward passes
 
-cdef Epilogue _epilogue(object res3, bint relu):
+cdef Epilogue _epilogue(object res3, bint relu, bint stream):
     cdef Epilogue e
     e.relu = relu
+    e.stream = stream
     e.res = NULL
     e.res_so = 0
     e.res_sc = 0
@@ -267,8 +270,9 @@ cdef Epilogue _epilogue(object res3, bint relu):
     return e
 
 
-cdef Activation _activation(object y3, object dres3):
+cdef Activation _activation(object y3, object dres3, bint stream):
     cdef Activation act
+    act.stream = stream
     act.y = NULL
     act.y_so = 0
     act.y_sc = 0
@@ -333,7 +337,7 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
 
 def train_forward(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray weight, cnp.ndarray bias,
                   double eps, cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,
-                  int n_threads, res3=None, bint relu=False):
+                  int n_threads, res3=None, bint relu=False, bint stream=False):
     """Fused training forward: batch statistics, then
     y = relu?((x-mean)*invstd*weight + bias + res?).
 
@@ -344,7 +348,7 @@ def train_forward(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray weight, cnp.ndarra
     cdef cnp.ndarray consts = np.empty(max(5 * C, 1), dtype=np.float64)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* py = cnp.PyArray_DATA(y3)
-    cdef Epilogue e = _epilogue(res3, relu)
+    cdef Epilogue e = _epilogue(res3, relu, stream)
     cdef int code = _dtype_code(x3)
     if code == 0:
         _train_forward(<const float*> px, <float*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
@@ -384,14 +388,15 @@ cdef void _normalize(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
 
 
 def normalize(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray mean, cnp.ndarray scale,
-              cnp.ndarray shift, int n_threads, res3=None, bint relu=False):
+              cnp.ndarray shift, int n_threads, res3=None, bint relu=False,
+              bint stream=False):
     """Elementwise y = relu?((x - mean) * scale + shift + res?) with given float64 (C,)
     constants (inference forward: scale = weight/sqrt(running_var + eps))."""
     cdef idx C = x3.shape[1]
     cdef cnp.ndarray consts = np.empty(max(5 * C, 1), dtype=np.float64)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* py = cnp.PyArray_DATA(y3)
-    cdef Epilogue e = _epilogue(res3, relu)
+    cdef Epilogue e = _epilogue(res3, relu, stream)
     cdef int code = _dtype_code(x3)
     if code == 0:
         _normalize(<const float*> px, <float*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads)
@@ -523,7 +528,7 @@ cdef idx _backward_work_size(cnp.ndarray dy3):
 
 def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
              cnp.ndarray invstd, cnp.ndarray weight, bint frozen, cnp.ndarray sdy,
-             cnp.ndarray sxmu, int n_threads, y3=None, dres3=None):
+             cnp.ndarray sxmu, int n_threads, y3=None, dres3=None, bint stream=False):
     """Fused backward. IN dy3, x3 (validated views of one shape), mean, invstd, weight:
     float64 (C,). OUT dx3 (may be dy3), sdy = sum(g), sxmu = sum(g*(x-mean)) (C,).
     frozen: statistics are constants (inference-mode backward, dx = g*weight*invstd).
@@ -534,7 +539,7 @@ def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* pd = cnp.PyArray_DATA(dx3)
-    cdef Activation act = _activation(y3, dres3)
+    cdef Activation act = _activation(y3, dres3, stream)
     cdef int code = _dtype_code(dy3)
     if code == 0:
         _backward(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
@@ -556,7 +561,7 @@ def backward_reduce(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray mean, cnp.ndarr
     cdef cnp.ndarray parts = np.empty(_backward_work_size(dy3), dtype=np.float64)
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
-    cdef Activation act = _activation(y3, None)
+    cdef Activation act = _activation(y3, None, False)
     cdef int code = _dtype_code(dy3)
     if code == 0:
         _backward_sums(<const float*> pg, <const float*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), n_threads)
@@ -570,14 +575,14 @@ def backward_reduce(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray mean, cnp.ndarr
 
 def backward_apply(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
                    cnp.ndarray a, cnp.ndarray b, cnp.ndarray c, bint frozen, int n_threads,
-                   y3=None, dres3=None):
+                   y3=None, dres3=None, bint stream=False):
     """OUT dx3 = a*g + b*(x - mean) + c per channel (float64 (C,) coefficients)."""
     cdef idx C = x3.shape[1]
     cdef cnp.ndarray consts = np.empty(max(5 * C, 1), dtype=np.float64)
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* pd = cnp.PyArray_DATA(dx3)
-    cdef Activation act = _activation(y3, dres3)
+    cdef Activation act = _activation(y3, dres3, stream)
     cdef int code = _dtype_code(dy3)
     if code == 0:
         _backward_apply(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads)

@@ -27,6 +27,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#define FASTBN_HAVE_STREAM 1
+#else
+#define FASTBN_HAVE_STREAM 0
+#endif
 
 // Runtime ISA dispatch: GCC emits an AVX-512, an AVX2 and a baseline x86-64 version of
 // each hot function and picks one at load time (ifunc), so one wheel runs on any x86-64.
@@ -273,6 +279,7 @@ struct Epilogue {
     const void* res;
     idx res_so, res_sc;
     bool relu;
+    bool stream;  // write y with non-temporal stores (large outputs, not re-read soon)
 };
 
 // Backward through a fused ReLU: the gradient is masked where the forward output y was
@@ -283,6 +290,7 @@ struct Activation {
     idx y_so, y_sc;
     void* dres;
     idx dres_so, dres_sc;
+    bool stream;  // write dx with non-temporal stores
 };
 
 template <class T> FASTBN_INLINE const T* channel_ptr(const void* base, idx c, idx sc) {
@@ -291,6 +299,51 @@ template <class T> FASTBN_INLINE const T* channel_ptr(const void* base, idx c, i
 
 // ReLU that keeps NaN (as torch.relu does).
 template <class CT> FASTBN_INLINE CT relu(CT v) { return v < 0 ? (CT)0 : v; }
+
+// ---------------------------------------------------------------- streaming stores
+// A large output that is not read again soon costs a read for every write (the cache
+// line is fetched before it is overwritten) unless it is written with non-temporal
+// stores. Rows are computed into an L1 buffer by the ordinary vectorized code, then
+// copied out with SSE2 streaming stores (baseline x86-64, so every clone has them).
+static const idx STAGE_BYTES = 4096;
+
+FASTBN_INLINE void stream_copy(void* dst, const void* src, size_t bytes) {
+    char* d = (char*)dst;
+    const char* s = (const char*)src;
+#if FASTBN_HAVE_STREAM
+    size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+    if (head > bytes) head = bytes;
+    std::memcpy(d, s, head);
+    d += head; s += head; bytes -= head;
+    for (; bytes >= 16; bytes -= 16, d += 16, s += 16)
+        _mm_stream_si128((__m128i*)d, _mm_loadu_si128((const __m128i*)s));
+#endif
+    std::memcpy(d, s, bytes);
+}
+
+// Make streamed stores visible before the results are used (end of a kernel call).
+FASTBN_INLINE void stream_fence() {
+#if FASTBN_HAVE_STREAM
+    _mm_sfence();
+#endif
+}
+
+// Write out[0..n) of a row through fill(dst, i, m), which writes elements i..i+m-1 of
+// the row to dst[0..m): directly, or staged through L1 and streamed.
+template <class T, class Fill>
+FASTBN_INLINE void write_row(T* out, idx n, bool stream, const Fill& fill) {
+    if (!stream) {
+        fill(out, 0, n);
+        return;
+    }
+    const idx B = STAGE_BYTES / (idx)sizeof(T);
+    alignas(64) T stage[STAGE_BYTES / sizeof(T)];
+    for (idx i = 0; i < n; i += B) {
+        idx m = n - i < B ? n - i : B;
+        fill(stage, i, m);
+        stream_copy(out + i, stage, (size_t)m * sizeof(T));
+    }
+}
 
 // ---------------------------------------------------------------- nc elementwise
 // y = ((x - mean_hi) - mean_lo) * scale + shift, computed in the compute type.
@@ -318,18 +371,19 @@ FASTBN_INLINE void normalize_row(const T* x, T* y, const T* res, idx i0, idx i1,
 
 template <class T>
 FASTBN_INLINE void normalize_span_nc(const T* xc, T* yc, idx sox, idx soy, Span s, const Affine<T>& a,
-                                     const T* rc, idx sor, bool use_relu) {
+                                     const T* rc, idx sor, bool use_relu, bool stream) {
     for (idx r = s.r0; r < s.r1; ++r) {
-        const T* xr = xc + r * sox;
-        T* yr = yc + r * soy;
-        if (rc) {
-            const T* rr = rc + r * sor;
-            if (use_relu) normalize_row<T, true, true>(xr, yr, rr, s.i0, s.i1, a);
-            else normalize_row<T, true, false>(xr, yr, rr, s.i0, s.i1, a);
-        } else {
-            if (use_relu) normalize_row<T, false, true>(xr, yr, 0, s.i0, s.i1, a);
-            else normalize_row<T, false, false>(xr, yr, 0, s.i0, s.i1, a);
-        }
+        const T* xr = xc + r * sox + s.i0;
+        const T* rr = rc ? rc + r * sor + s.i0 : (const T*)0;
+        write_row(yc + r * soy + s.i0, s.i1 - s.i0, stream, [&](T* out, idx i, idx m) {
+            if (rr) {
+                if (use_relu) normalize_row<T, true, true>(xr + i, out, rr + i, 0, m, a);
+                else normalize_row<T, true, false>(xr + i, out, rr + i, 0, m, a);
+            } else {
+                if (use_relu) normalize_row<T, false, true>(xr + i, out, 0, 0, m, a);
+                else normalize_row<T, false, false>(xr + i, out, 0, 0, m, a);
+            }
+        });
     }
 }
 
@@ -337,7 +391,8 @@ template <class T>
 FASTBN_CLONES void normalize_nc(const T* xc, T* yc, idx sox, idx soy, Span s, double mean, double scale,
                                 double shift, Epilogue e, idx c) {
     normalize_span_nc(xc, yc, sox, soy, s, Affine<T>(mean, scale, shift), channel_ptr<T>(e.res, c, e.res_sc),
-                      e.res_so, e.relu);
+                      e.res_so, e.relu, e.stream);
+    if (e.stream) stream_fence();
 }
 
 // Fused training forward of one channel: statistics (reading the channel once from
@@ -354,7 +409,9 @@ FASTBN_CLONES Moments train_forward_channel_nc(const T* xc, T* yc, idx sox, idx 
     *invstd_out = invstd;
     Affine<T> a(m.mean, weight * invstd, bias);
     const T* rc = channel_ptr<T>(e.res, c, e.res_sc);
-    for (idx k = 0; k < g.n_chunks; ++k) normalize_span_nc(xc, yc, sox, soy, nc_chunk(g, k), a, rc, e.res_so, e.relu);
+    for (idx k = 0; k < g.n_chunks; ++k)
+        normalize_span_nc(xc, yc, sox, soy, nc_chunk(g, k), a, rc, e.res_so, e.relu, e.stream);
+    if (e.stream) stream_fence();
     return m;
 }
 
@@ -454,13 +511,16 @@ FASTBN_INLINE void backward_span_nc(const T* dyc, const T* xc, T* dxc, idx sody,
     const T* yc = channel_ptr<T>(act.y, c, act.y_sc);
     T* drc = (T*)channel_ptr<T>(act.dres, c, act.dres_sc);
     for (idx r = s.r0; r < s.r1; ++r) {
-        const T* g = dyc + r * sody;
-        const T* x = xc + r * sox;
-        const T* y = yc ? yc + r * act.y_so : (const T*)0;
-        T* dr = drc ? drc + r * act.dres_so : (T*)0;
-        T* d = dxc + r * sodx;
-        if (frozen) backward_row_any<T, true>(g, x, y, d, dr, s.i0, s.i1, k);
-        else backward_row_any<T, false>(g, x, y, d, dr, s.i0, s.i1, k);
+        const T* g = dyc + r * sody + s.i0;
+        const T* x = xc + r * sox + s.i0;
+        const T* y = yc ? yc + r * act.y_so + s.i0 : (const T*)0;
+        T* dr = drc ? drc + r * act.dres_so + s.i0 : (T*)0;
+        write_row(dxc + r * sodx + s.i0, s.i1 - s.i0, act.stream, [&](T* out, idx i, idx m) {
+            const T* yi = y ? y + i : (const T*)0;
+            T* dri = dr ? dr + i : (T*)0;
+            if (frozen) backward_row_any<T, true>(g + i, x + i, yi, out, dri, 0, m, k);
+            else backward_row_any<T, false>(g + i, x + i, yi, out, dri, 0, m, k);
+        });
     }
 }
 
@@ -469,6 +529,7 @@ FASTBN_CLONES void backward_elementwise_nc(const T* dyc, const T* xc, T* dxc, id
                                            Span s, double a, double b, double c, double mean, bool frozen,
                                            Activation act, idx ch) {
     backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, BackwardCoef<T>(a, b, c, mean), frozen, act, ch);
+    if (act.stream) stream_fence();
 }
 
 // Coefficients of dx from the channel's sums (DESIGN.md):
@@ -505,6 +566,7 @@ FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx so
             t.dy += p.dy; t.dy_xmu += p.dy_xmu;
             backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, k, true, act, c);
         }
+        if (act.stream) stream_fence();
         return t;
     }
     for (idx ch = 0; ch < g.n_chunks; ++ch) {
@@ -515,6 +577,7 @@ FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx so
     BackwardCoef<T> k(a, b, cc, mean);
     for (idx ch = 0; ch < g.n_chunks; ++ch)
         backward_span_nc(dyc, xc, dxc, sody, sox, sodx, nc_chunk(g, ch), k, false, act, c);
+    if (act.stream) stream_fence();
     return t;
 }
 
@@ -614,14 +677,17 @@ void prepare_channel_constants(const T* /*dtype_tag*/, idx C, const double* mean
 
 // y = relu?(((x - mean_hi) - mean_lo) * scale + shift + res?) over rows [r0, r1); constants
 // from prepare_channel_constants(mean, scale, shift).
+// Channels [c0, c0 + m) of a row, written to y[0..m).
 template <class T, bool RES, bool RELU>
-FASTBN_INLINE void normalize_row_nlc(const T* x, T* y, const T* res, idx C, const void* buf) {
+FASTBN_INLINE void normalize_row_nlc(const T* x, T* y, const T* res, idx C, const void* buf, idx c0, idx m) {
     typedef typename compute_of<T>::type CT;
-    const CT* mh = (const CT*)buf;
+    const CT* mh = (const CT*)buf + c0;
     const CT* ml = mh + C;
     const CT* sc = mh + 2 * C;
     const CT* sh = mh + 3 * C;
-    for (idx c = 0; c < C; ++c) {
+    x += c0;
+    if (RES) res += c0;
+    for (idx c = 0; c < m; ++c) {
         CT v = ((to_compute(x[c]) - mh[c]) - ml[c]) * sc[c] + sh[c];
         if (RES) v = v + to_compute(res[c]);
         if (RELU) v = relu(v);
@@ -634,16 +700,18 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
                                  Epilogue e) {
     for (idx r = r0; r < r1; ++r) {
         const T* xr = x + r * srx;
-        T* yr = y + r * sry;
-        if (e.res) {
-            const T* rr = (const T*)e.res + r * e.res_so;
-            if (e.relu) normalize_row_nlc<T, true, true>(xr, yr, rr, C, buf);
-            else normalize_row_nlc<T, true, false>(xr, yr, rr, C, buf);
-        } else {
-            if (e.relu) normalize_row_nlc<T, false, true>(xr, yr, 0, C, buf);
-            else normalize_row_nlc<T, false, false>(xr, yr, 0, C, buf);
-        }
+        const T* rr = e.res ? (const T*)e.res + r * e.res_so : (const T*)0;
+        write_row(y + r * sry, C, e.stream, [&](T* out, idx c0, idx m) {
+            if (rr) {
+                if (e.relu) normalize_row_nlc<T, true, true>(xr, out, rr, C, buf, c0, m);
+                else normalize_row_nlc<T, true, false>(xr, out, rr, C, buf, c0, m);
+            } else {
+                if (e.relu) normalize_row_nlc<T, false, true>(xr, out, 0, C, buf, c0, m);
+                else normalize_row_nlc<T, false, false>(xr, out, 0, C, buf, c0, m);
+            }
+        });
     }
+    if (e.stream) stream_fence();
 }
 
 template <class T, bool MASK>
@@ -670,15 +738,21 @@ FASTBN_CLONES void chunk_sums_nlc(const T* dy, const T* x, idx srdy, idx srx, id
     else sums_rows_nlc<T, false>(dy, x, 0, srdy, srx, 0, C, r0, r1, mean, sdy, sxmu);
 }
 
+// Channels [c0, c0 + m) of a row (g, x, y, dr all start at channel 0), dx to d[0..m).
 template <class T, bool MASK, bool DRES, bool FROZEN>
-FASTBN_INLINE void backward_row_nlc(const T* g, const T* x, const T* y, T* d, T* dr, idx C, const void* buf) {
+FASTBN_INLINE void backward_row_nlc(const T* g, const T* x, const T* y, T* d, T* dr, idx C, const void* buf,
+                                    idx c0, idx m) {
     typedef typename compute_of<T>::type CT;
-    const CT* mh = (const CT*)buf;
+    const CT* mh = (const CT*)buf + c0;
     const CT* ml = mh + C;
     const CT* ka = mh + 2 * C;
     const CT* kb = mh + 3 * C;
     const CT* kc = mh + 4 * C;
-    for (idx c = 0; c < C; ++c) {
+    g += c0;
+    x += c0;
+    if (MASK) y += c0;
+    if (DRES) dr += c0;
+    for (idx c = 0; c < m; ++c) {
         CT gv = to_compute(g[c]);
         if (MASK) gv = to_compute(y[c]) > 0 ? gv : (CT)0;
         if (DRES) store(dr + c, gv);
@@ -692,10 +766,11 @@ FASTBN_INLINE void backward_row_nlc(const T* g, const T* x, const T* y, T* d, T*
 }
 
 template <class T, bool FROZEN>
-FASTBN_INLINE void backward_row_nlc_any(const T* g, const T* x, const T* y, T* d, T* dr, idx C, const void* buf) {
-    if (!y) backward_row_nlc<T, false, false, FROZEN>(g, x, y, d, dr, C, buf);
-    else if (!dr) backward_row_nlc<T, true, false, FROZEN>(g, x, y, d, dr, C, buf);
-    else backward_row_nlc<T, true, true, FROZEN>(g, x, y, d, dr, C, buf);
+FASTBN_INLINE void backward_row_nlc_any(const T* g, const T* x, const T* y, T* d, T* dr, idx C, const void* buf,
+                                        idx c0, idx m) {
+    if (!y) backward_row_nlc<T, false, false, FROZEN>(g, x, y, d, dr, C, buf, c0, m);
+    else if (!dr) backward_row_nlc<T, true, false, FROZEN>(g, x, y, d, dr, C, buf, c0, m);
+    else backward_row_nlc<T, true, true, FROZEN>(g, x, y, d, dr, C, buf, c0, m);
 }
 
 // dx over rows [r0, r1); constants from prepare_channel_constants(mean, a, b, c).
@@ -707,10 +782,12 @@ FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx 
         const T* xr = x + r * srx;
         const T* y = act.y ? (const T*)act.y + r * act.y_so : (const T*)0;
         T* dr = act.dres ? (T*)act.dres + r * act.dres_so : (T*)0;
-        T* d = dx + r * srdx;
-        if (frozen) backward_row_nlc_any<T, true>(g, xr, y, d, dr, C, buf);
-        else backward_row_nlc_any<T, false>(g, xr, y, d, dr, C, buf);
+        write_row(dx + r * srdx, C, act.stream, [&](T* out, idx c0, idx m) {
+            if (frozen) backward_row_nlc_any<T, true>(g, xr, y, out, dr, C, buf, c0, m);
+            else backward_row_nlc_any<T, false>(g, xr, y, out, dr, C, buf, c0, m);
+        });
     }
+    if (act.stream) stream_fence();
 }
 
 }  // namespace fastbn
