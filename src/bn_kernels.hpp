@@ -375,6 +375,7 @@ FASTBN_INLINE void normalize_span_nc(const T* xc, T* yc, idx sox, idx soy, Span 
     for (idx r = s.r0; r < s.r1; ++r) {
         const T* xr = xc + r * sox + s.i0;
         const T* rr = rc ? rc + r * sor + s.i0 : (const T*)0;
+        if (r + 1 < s.r1) prefetch_rows(xr + sox, sox, 1, 0, s.i1 - s.i0);
         write_row(yc + r * soy + s.i0, s.i1 - s.i0, stream, [&](T* out, idx i, idx m) {
             if (rr) {
                 if (use_relu) normalize_row<T, true, true>(xr + i, out, rr + i, 0, m, a);
@@ -590,7 +591,8 @@ inline NLCGrid nlc_grid(idx rows, idx channels) {
     NLCGrid g;
     g.rows = rows;
     g.channels = channels;
-    g.block_rows = channels >= BLOCK ? 1 : BLOCK / channels;
+    // at least 8 rows per block: the per-block merge costs about as much as a row
+    g.block_rows = channels >= BLOCK / 8 ? 8 : BLOCK / channels;
     idx per_chunk = channels >= CHUNK ? 1 : CHUNK / channels;
     g.chunk_rows = per_chunk <= g.block_rows ? g.block_rows : (per_chunk / g.block_rows) * g.block_rows;
     g.n_chunks = (rows == 0 || channels == 0) ? 0 : (rows + g.chunk_rows - 1) / g.chunk_rows;
