@@ -30,8 +30,16 @@ def _threads(a):
     return 1 if a.size < _PARALLEL_MIN_ELEMENTS else get_num_threads()
 
 
-def _stream(out):
-    return out.nbytes >= _STREAM_MIN_BYTES
+def _stream(out3):
+    """Streaming stores only where they write whole cache lines: long rows, or rows of a
+    channels-last array that follow each other in memory (partial-line streaming stores
+    are slow)."""
+    if out3.nbytes < _STREAM_MIN_BYTES:
+        return False
+    outer, C, inner = out3.shape
+    if inner > 1:
+        return inner * out3.itemsize >= 1024
+    return out3.strides[0] == C * out3.itemsize
 
 
 def moments(x3):

@@ -43,6 +43,8 @@
 #define FASTBN_CLONES
 #endif
 #define FASTBN_INLINE inline __attribute__((always_inline))
+// Lambdas are inlined into the clone that calls them, so they get its instruction set.
+#define FASTBN_LAMBDA_INLINE __attribute__((always_inline))
 
 namespace fastbn {
 
@@ -376,7 +378,7 @@ FASTBN_INLINE void normalize_span_nc(const T* xc, T* yc, idx sox, idx soy, Span 
         const T* xr = xc + r * sox + s.i0;
         const T* rr = rc ? rc + r * sor + s.i0 : (const T*)0;
         if (r + 1 < s.r1) prefetch_rows(xr + sox, sox, 1, 0, s.i1 - s.i0);
-        write_row(yc + r * soy + s.i0, s.i1 - s.i0, stream, [&](T* out, idx i, idx m) {
+        write_row(yc + r * soy + s.i0, s.i1 - s.i0, stream, [&](T* out, idx i, idx m) FASTBN_LAMBDA_INLINE {
             if (rr) {
                 if (use_relu) normalize_row<T, true, true>(xr + i, out, rr + i, 0, m, a);
                 else normalize_row<T, true, false>(xr + i, out, rr + i, 0, m, a);
@@ -516,7 +518,7 @@ FASTBN_INLINE void backward_span_nc(const T* dyc, const T* xc, T* dxc, idx sody,
         const T* x = xc + r * sox + s.i0;
         const T* y = yc ? yc + r * act.y_so + s.i0 : (const T*)0;
         T* dr = drc ? drc + r * act.dres_so + s.i0 : (T*)0;
-        write_row(dxc + r * sodx + s.i0, s.i1 - s.i0, act.stream, [&](T* out, idx i, idx m) {
+        write_row(dxc + r * sodx + s.i0, s.i1 - s.i0, act.stream, [&](T* out, idx i, idx m) FASTBN_LAMBDA_INLINE {
             const T* yi = y ? y + i : (const T*)0;
             T* dri = dr ? dr + i : (T*)0;
             if (frozen) backward_row_any<T, true>(g + i, x + i, yi, out, dri, 0, m, k);
@@ -703,7 +705,7 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
     for (idx r = r0; r < r1; ++r) {
         const T* xr = x + r * srx;
         const T* rr = e.res ? (const T*)e.res + r * e.res_so : (const T*)0;
-        write_row(y + r * sry, C, e.stream, [&](T* out, idx c0, idx m) {
+        write_row(y + r * sry, C, e.stream, [&](T* out, idx c0, idx m) FASTBN_LAMBDA_INLINE {
             if (rr) {
                 if (e.relu) normalize_row_nlc<T, true, true>(xr, out, rr, C, buf, c0, m);
                 else normalize_row_nlc<T, true, false>(xr, out, rr, C, buf, c0, m);
@@ -784,7 +786,7 @@ FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx 
         const T* xr = x + r * srx;
         const T* y = act.y ? (const T*)act.y + r * act.y_so : (const T*)0;
         T* dr = act.dres ? (T*)act.dres + r * act.dres_so : (T*)0;
-        write_row(dx + r * srdx, C, act.stream, [&](T* out, idx c0, idx m) {
+        write_row(dx + r * srdx, C, act.stream, [&](T* out, idx c0, idx m) FASTBN_LAMBDA_INLINE {
             if (frozen) backward_row_nlc_any<T, true>(g, xr, y, out, dr, C, buf, c0, m);
             else backward_row_nlc_any<T, false>(g, xr, y, out, dr, C, buf, c0, m);
         });
