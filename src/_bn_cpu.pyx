@@ -72,6 +72,7 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
 
     NCGrid nc_grid(idx outer, idx inner)
     Span nc_chunk(NCGrid g, idx k)
+    Span row_span(idx r, idx inner)
     NLCGrid nlc_grid(idx rows, idx channels)
     void merge_into(Moments& a, double nb, double mb, double m2b)
     double invstd_of(double n, double m2, double eps)
@@ -380,10 +381,10 @@ cdef void _normalize(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
             for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
                 normalize_nlc(x, y, sox, soy, C, k * gl.chunk_rows, _rows_end(gl, k), consts, e)
             return
-        g = nc_grid(outer, inner)
-        for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
-            c = w // g.n_chunks
-            normalize_nc(x + c * scx, y + c * scy, sox, soy, nc_chunk(g, w % g.n_chunks),
+        # rows (o, c) in memory order: each thread streams through one contiguous range
+        for w in prange(outer * C, schedule='static', num_threads=n_threads):
+            c = w % C
+            normalize_nc(x + c * scx, y + c * scy, sox, soy, row_span(w // C, inner),
                          mean[c], scale[c], shift[c], e, c)
 
 

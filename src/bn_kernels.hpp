@@ -207,6 +207,12 @@ struct Span {
     idx r0, r1, i0, i1;
 };
 
+// The whole row r of a channel.
+inline Span row_span(idx r, idx inner) {
+    Span s = {r, r + 1, 0, inner};
+    return s;
+}
+
 inline Span nc_chunk(const NCGrid& g, idx k) {
     Span s;
     if (g.segs_per_row > 1 || g.inner >= CHUNK) {
