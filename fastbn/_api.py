@@ -89,9 +89,9 @@ def _view3(a, layout):
     return v if _kernel_ready(v) else np.ascontiguousarray(v)
 
 
-def _check_channel_param(a, name, layout, dtype_required=True):
+def _check_channel_param(a, name, layout):
     a = _as_array(a)
-    if dtype_required and not _is_float_dtype(a.dtype):
+    if not _is_float_dtype(a.dtype):
         raise TypeError(f"{name} must be a floating array ({_DTYPES_TEXT}), got: "
                         f"{name}.dtype={a.dtype}")
     if a.shape != (layout.C,):
@@ -113,6 +113,16 @@ def _check_running(a, name, layout):
     if not a.flags.writeable:
         raise ValueError(f"{name} is read-only, but running statistics are updated in place")
     return a
+
+
+def _check_running_pair(running_mean, running_var, layout):
+    """Running statistics for a training call: both or neither, writable (C,) arrays."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither "
+                         "be None")
+    if running_mean is not None:
+        _check_running(running_mean, "running_mean", layout)
+        _check_running(running_var, "running_var", layout)
 
 
 def _check_real(v, name, low=None):
@@ -301,12 +311,7 @@ def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, a
     layout = _Layout(x.shape, axis)
     relu = _check_activation(activation)
     res3 = None if residual is None else _check_like(residual, "residual", x, layout)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither "
-                         "be None")
-    if running_mean is not None:
-        _check_running(running_mean, "running_mean", layout)
-        _check_running(running_var, "running_var", layout)
+    _check_running_pair(running_mean, running_var, layout)
     w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
     b = np.zeros(layout.C) if bias is None else _check_channel_param(bias, "bias", layout)
     momentum = _check_real(momentum, "momentum")

@@ -156,12 +156,7 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
         rm = _param(running_mean, "running_mean", layout)
         rv = _param(running_var, "running_var", layout)
         return normalize(x, rm, 1.0 / np.sqrt(rv + eps), w, b, layout, activation, residual)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither "
-                         "be None")
-    if running_mean is not None:
-        _api._check_running(running_mean, "running_mean", layout)
-        _api._check_running(running_var, "running_var", layout)
+    _api._check_running_pair(running_mean, running_var, layout)
     _api._check_training_batch(x, layout)
     m = welford(x, axis)
     if running_mean is not None:  # in-place update: the statistics are needed now

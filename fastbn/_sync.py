@@ -102,12 +102,7 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
         # fail (and leave running statistics out of step) after it
         xc = _api._check_data(xa, "x")
         layout = _api._Layout(xc.shape, axis)
-        if (running_mean is None) != (running_var is None):
-            raise ValueError("running_mean and running_var must either both be None or "
-                             "neither be None")
-        if running_mean is not None:
-            _api._check_running(running_mean, "running_mean", layout)
-            _api._check_running(running_var, "running_var", layout)
+        _api._check_running_pair(running_mean, running_var, layout)
         for name, p in (("weight", weight), ("bias", bias)):
             if p is not None:
                 _api._check_channel_param(p, name, layout)
@@ -134,11 +129,8 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
     y = normalize(xa, total.mean, invstd, weight, bias, axis=axis, out=out,
                   activation=activation, residual=residual)
     if running_mean is not None:
-        unbiased = total.m2 / (total.count - 1)
-        new_mean = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * total.mean
-        new_var = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
-        running_mean[...] = new_mean
-        running_var[...] = new_var
+        _api._update_running(running_mean, running_var, total.mean, total.m2 / total.count,
+                             total.count, momentum)
     acc = np.float64 if y.dtype == np.float64 else np.float32
     return y, total.mean.astype(acc), invstd.astype(acc)
 
