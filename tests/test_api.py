@@ -319,3 +319,32 @@ def test_float16_conversions_are_exact_for_every_value():
             expected = (h.astype(np.float32) * np.float32(scale)).astype(np.float16)
         assert np.array_equal(y[~nan], expected[~nan]), scale
         assert np.isnan(y[nan]).all()
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 4, 70001), 1), ((600001, 4), -1)],
+                         ids=["long-rows", "channels-last"])
+def test_streaming_stores_give_the_same_bits(shape, axis, monkeypatch):
+    """Outputs of 8 MiB and more are written with non-temporal stores (through an L1
+    staging buffer); the bits equal the ordinary-store path, edges included (odd sizes,
+    unaligned row starts)."""
+    from fastbn import _backend_cpu
+    x = make_data(shape, np.float32, seed=21)
+    dy = make_data(shape, np.float32, seed=22)
+    C = shape[axis]
+    w, b = np.linspace(0.5, 1.5, C), np.linspace(-1, 1, C)
+    rm, rv = np.linspace(-1, 1, C), np.linspace(0.5, 2, C)
+
+    def outputs():
+        y, mean, invstd = fbn.batch_norm_forward(x, w, b, axis=axis, activation="relu")
+        y_eval = fbn.batch_norm(x, rm, rv, w, b, axis=axis)
+        dx = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, activation="relu", y=y)[0]
+        dx_frozen = fbn.batch_norm_backward(dy, x, rm, 1 / np.sqrt(rv + 1e-5), w,
+                                            training=False, axis=axis)[0]
+        return y, y_eval, dx, dx_frozen
+
+    assert x.nbytes >= _backend_cpu._STREAM_MIN_BYTES
+    streamed = outputs()
+    monkeypatch.setattr(_backend_cpu, "_STREAM_MIN_BYTES", float("inf"))
+    for a, e in zip(streamed, outputs()):
+        np.testing.assert_array_equal(a, e)
+    assert_data_close(streamed[1], reference(fbn.batch_norm, x, rm, rv, w, b, axis=axis))
