@@ -16,6 +16,8 @@ Design (after sklearn/_loss/_loss.pyx.tp):
 """
 from cython.parallel cimport prange, threadid
 cimport numpy as cnp
+import threading
+
 import numpy as np
 
 from _openmp_helpers cimport FASTBN_OPENMP_ENABLED, omp_get_max_threads
@@ -145,6 +147,22 @@ cdef inline idx _rows_end(NLCGrid g, idx k) noexcept nogil:
     return r1 if r1 < g.rows else g.rows
 
 
+_scratch_store = threading.local()
+
+
+cdef cnp.ndarray _scratch(Py_ssize_t n, int slot):
+    """A float64 work buffer of at least n values, kept per Python thread and reused:
+    chunk partials can be hundreds of KB, and a fresh allocation of that size costs page
+    faults on every call."""
+    cdef list bufs = getattr(_scratch_store, "bufs", None)
+    if bufs is None:
+        bufs = _scratch_store.bufs = [None, None]
+    cdef cnp.ndarray b = bufs[slot]
+    if b is None or b.shape[0] < n:
+        b = bufs[slot] = np.empty(max(n, 1), dtype=np.float64)
+    return b
+
+
 cdef inline double* _dptr(cnp.ndarray a):
     return <double*> cnp.PyArray_DATA(a)
 
@@ -230,7 +248,7 @@ def moments(cnp.ndarray x3, cnp.ndarray mean, cnp.ndarray m2, int n_threads):
     Returns the count (elements per channel)."""
     cdef idx C = x3.shape[1]
     cdef cnp.ndarray counts = np.zeros(max(C, 1), dtype=np.float64)
-    cdef cnp.ndarray parts = np.empty(max(_moments_work_size(x3, n_threads), 1), dtype=np.float64)
+    cdef cnp.ndarray parts = _scratch(_moments_work_size(x3, n_threads), 0)
     cdef void* p = cnp.PyArray_DATA(x3)
     cdef int code = _dtype_code(x3)
     if code == 0:
@@ -345,8 +363,8 @@ def train_forward(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray weight, cnp.ndarra
     x3, y3 (may be x3 itself), res3: validated (outer, C, inner) views. weight, bias:
     float64 (C,). OUT mean, var (biased), invstd: float64 (C,)."""
     cdef idx C = x3.shape[1]
-    cdef cnp.ndarray parts = np.empty(max(_moments_work_size(x3, n_threads), C, 1), dtype=np.float64)
-    cdef cnp.ndarray consts = np.empty(max(5 * C, 1), dtype=np.float64)
+    cdef cnp.ndarray parts = _scratch(max(_moments_work_size(x3, n_threads), C), 0)
+    cdef cnp.ndarray consts = _scratch(5 * C, 1)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* py = cnp.PyArray_DATA(y3)
     cdef Epilogue e = _epilogue(res3, relu, stream)
@@ -394,7 +412,7 @@ def normalize(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray mean, cnp.ndarray scal
     """Elementwise y = relu?((x - mean) * scale + shift + res?) with given float64 (C,)
     constants (inference forward: scale = weight/sqrt(running_var + eps))."""
     cdef idx C = x3.shape[1]
-    cdef cnp.ndarray consts = np.empty(max(5 * C, 1), dtype=np.float64)
+    cdef cnp.ndarray consts = _scratch(5 * C, 1)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* py = cnp.PyArray_DATA(y3)
     cdef Epilogue e = _epilogue(res3, relu, stream)
@@ -535,8 +553,8 @@ def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
     frozen: statistics are constants (inference-mode backward, dx = g*weight*invstd).
     y3: forward output of a fused ReLU (g = dy where y > 0, else 0); dres3: OUT g."""
     cdef idx C = x3.shape[1]
-    cdef cnp.ndarray parts = np.empty(_backward_work_size(dy3), dtype=np.float64)
-    cdef cnp.ndarray consts = np.empty(max(8 * C, 1), dtype=np.float64)
+    cdef cnp.ndarray parts = _scratch(_backward_work_size(dy3), 0)
+    cdef cnp.ndarray consts = _scratch(8 * C, 1)
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* pd = cnp.PyArray_DATA(dx3)
@@ -559,7 +577,7 @@ def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
 def backward_reduce(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray mean, cnp.ndarray sdy,
                     cnp.ndarray sxmu, int n_threads, y3=None):
     """OUT sdy = sum(g), sxmu = sum(g*(x-mean)) per channel, float64 (C,)."""
-    cdef cnp.ndarray parts = np.empty(_backward_work_size(dy3), dtype=np.float64)
+    cdef cnp.ndarray parts = _scratch(_backward_work_size(dy3), 0)
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef Activation act = _activation(y3, None, False)
@@ -579,7 +597,7 @@ def backward_apply(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray
                    y3=None, dres3=None, bint stream=False):
     """OUT dx3 = a*g + b*(x - mean) + c per channel (float64 (C,) coefficients)."""
     cdef idx C = x3.shape[1]
-    cdef cnp.ndarray consts = np.empty(max(5 * C, 1), dtype=np.float64)
+    cdef cnp.ndarray consts = _scratch(5 * C, 1)
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* pd = cnp.PyArray_DATA(dx3)
