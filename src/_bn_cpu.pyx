@@ -321,7 +321,7 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
     cdef NCGrid g
     cdef NLCGrid gl
     cdef Moments m
-    cdef idx c, k, w
+    cdef idx c, k, kk, w
     cdef double count
     with nogil:
         if inner == 1:
@@ -332,8 +332,11 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
                 var[c] = var[c] / count
                 parts[c] = weight[c] * invstd[c]
             prepare_channel_constants(x, C, mean, parts, bias, NULL, consts)
+            # the statistics pass ended at the last rows: walk back so that the rows it
+            # read most recently, still in cache, are normalized first
             for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
-                normalize_nlc(x, y, sox, soy, C, k * gl.chunk_rows, _rows_end(gl, k), consts, e)
+                kk = gl.n_chunks - 1 - k
+                normalize_nlc(x, y, sox, soy, C, kk * gl.chunk_rows, _rows_end(gl, kk), consts, e)
             return
         g = nc_grid(outer, inner)
         if not _split_channels(C, g.n_chunks, n_threads):
@@ -490,14 +493,15 @@ cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.nda
     cdef idx sod = _stride(dx3, 0), scd = _stride(dx3, 1)
     cdef NCGrid g
     cdef NLCGrid gl
-    cdef idx c, k, w
+    cdef idx c, k, kk, w
     with nogil:
         if inner == 1:
             gl = nlc_grid(outer, C)
             prepare_channel_constants(x, C, mean, ka, kb, kc, consts)
             for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
-                backward_elementwise_nlc(dy, x, dx, sog, sox, sod, C, k * gl.chunk_rows,
-                                         _rows_end(gl, k), consts, frozen, act)
+                kk = gl.n_chunks - 1 - k  # most recently reduced rows first (cache)
+                backward_elementwise_nlc(dy, x, dx, sog, sox, sod, C, kk * gl.chunk_rows,
+                                         _rows_end(gl, kk), consts, frozen, act)
             return
         g = nc_grid(outer, inner)
         for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):

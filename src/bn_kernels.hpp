@@ -634,17 +634,42 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
     for (idx r = r0; r < r1; r += g.block_rows) {
         idx nb_rows = r + g.block_rows < r1 ? g.block_rows : r1 - r;
         double nb = (double)nb_rows;
-        for (idx c = 0; c < C; ++c) bmean[c] = 0;
-        for (idx rr = r; rr < r + nb_rows; ++rr) {
-            const T* xr = x + rr * sr;
-            for (idx c = 0; c < C; ++c) bmean[c] += to_double(xr[c]);
+        // four rows per sweep over the channels: a quarter of the loads and stores of
+        // the per-channel accumulators, which otherwise bound this loop
+        double* __restrict__ bs = bmean;
+        double* __restrict__ bq = bm2;
+        for (idx c = 0; c < C; ++c) bs[c] = 0;
+        idx rr = r, rend = r + nb_rows;
+        for (; rr + 4 <= rend; rr += 4) {
+            const T* __restrict__ x0 = x + rr * sr;
+            const T* __restrict__ x1 = x0 + sr;
+            const T* __restrict__ x2 = x1 + sr;
+            const T* __restrict__ x3 = x2 + sr;
+            for (idx c = 0; c < C; ++c)
+                bs[c] += (to_double(x0[c]) + to_double(x1[c])) + (to_double(x2[c]) + to_double(x3[c]));
         }
-        for (idx c = 0; c < C; ++c) { bmean[c] = bmean[c] / nb; bm2[c] = 0; }
-        for (idx rr = r; rr < r + nb_rows; ++rr) {
-            const T* xr = x + rr * sr;
+        for (; rr < rend; ++rr) {
+            const T* __restrict__ xr = x + rr * sr;
+            for (idx c = 0; c < C; ++c) bs[c] += to_double(xr[c]);
+        }
+        for (idx c = 0; c < C; ++c) { bs[c] = bs[c] / nb; bq[c] = 0; }
+        for (rr = r; rr + 4 <= rend; rr += 4) {
+            const T* __restrict__ x0 = x + rr * sr;
+            const T* __restrict__ x1 = x0 + sr;
+            const T* __restrict__ x2 = x1 + sr;
+            const T* __restrict__ x3 = x2 + sr;
             for (idx c = 0; c < C; ++c) {
-                double d = to_double(xr[c]) - bmean[c];
-                bm2[c] += d * d;
+                double m = bs[c];
+                double d0 = to_double(x0[c]) - m, d1 = to_double(x1[c]) - m;
+                double d2 = to_double(x2[c]) - m, d3 = to_double(x3[c]) - m;
+                bq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
+        }
+        for (; rr < rend; ++rr) {
+            const T* __restrict__ xr = x + rr * sr;
+            for (idx c = 0; c < C; ++c) {
+                double d = to_double(xr[c]) - bs[c];
+                bq[c] += d * d;
             }
         }
         merge_all_channels(C, n_acc, nb, bmean, bm2, mean, m2);
@@ -726,8 +751,24 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
 
 template <class T, bool MASK>
 FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, idx srx, idx sry, idx C, idx r0,
-                                 idx r1, const double* mean, double* sdy, double* sxmu) {
-    for (idx r = r0; r < r1; ++r) {
+                                 idx r1, const double* __restrict__ mean, double* __restrict__ sdy,
+                                 double* __restrict__ sxmu) {
+    idx r = r0;
+    // two rows per sweep over the channels: half the accumulator loads and stores
+    for (; r + 2 <= r1; r += 2) {
+        const T* __restrict__ g0 = dy + r * srdy;
+        const T* __restrict__ g1 = g0 + srdy;
+        const T* __restrict__ x0 = x + r * srx;
+        const T* __restrict__ x1 = x0 + srx;
+        const T* y0 = MASK ? y + r * sry : (const T*)0;
+        const T* y1 = MASK ? y0 + sry : (const T*)0;
+        for (idx c = 0; c < C; ++c) {
+            double a = masked_grad<T, MASK>(g0, y0, c), b = masked_grad<T, MASK>(g1, y1, c);
+            sdy[c] += a + b;
+            sxmu[c] += a * (to_double(x0[c]) - mean[c]) + b * (to_double(x1[c]) - mean[c]);
+        }
+    }
+    for (; r < r1; ++r) {
         const T* g = dy + r * srdy;
         const T* xr = x + r * srx;
         const T* yr = MASK ? y + r * sry : (const T*)0;
