@@ -22,17 +22,26 @@ template <> struct fbn_compute<double> { typedef double type; };
 
 __device__ __forceinline__ float fbn_load(const float* p) { return *p; }
 __device__ __forceinline__ double fbn_load(const double* p) { return *p; }
+// FBN_CPU_EMULATION: the same source compiled as C++ for the CPU emulation tests.
 __device__ __forceinline__ float fbn_load(const fbn_half* p) {
+#ifdef FBN_CPU_EMULATION
+    return fbn_emu_half_to_float(p->bits);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p->bits));
     return f;
+#endif
 }
 __device__ __forceinline__ void fbn_store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void fbn_store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void fbn_store(fbn_half* p, float v) {
+#ifdef FBN_CPU_EMULATION
+    p->bits = fbn_emu_float_to_half(v);
+#else
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     p->bits = h;
+#endif
 }
 
 // ------------------------------------------------------------------ Chan merges
