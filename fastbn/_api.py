@@ -11,7 +11,7 @@ import operator
 
 import numpy as np
 
-from ._dispatch import backend_for, backend_name_for
+from ._dispatch import backend_for, backend_name_for, is_cupy_array
 from ._moments import Moments, _var
 
 __all__ = ["moments", "welford", "batch_norm", "batch_norm_forward",
@@ -35,8 +35,20 @@ def _acc_dtype(dt):
     return _F64 if dt == _F64 else _F32
 
 
-def _as_array(a):
-    return a if type(a) is np.ndarray else np.asarray(a)
+def _xp_for(a):
+    """The array namespace of `a`: cupy for CuPy arrays (already imported by the user),
+    numpy otherwise."""
+    if is_cupy_array(a):
+        import sys
+        return sys.modules["cupy"]
+    return np
+
+
+def _as_array(a, like=None):
+    """`a` as an array of its own type, or (array-likes) of the type of `like`."""
+    if type(a) is np.ndarray or is_cupy_array(a):
+        return a
+    return _xp_for(like).asarray(a)
 
 
 def _check_data(x, name):
@@ -86,11 +98,13 @@ def _kernel_ready(v):
 
 def _view3(a, layout):
     v = a.reshape(layout.shape3)  # a view whenever numpy can make one
+    if is_cupy_array(v):
+        return v  # the CUDA kernels take any strides
     return v if _kernel_ready(v) else np.ascontiguousarray(v)
 
 
-def _check_channel_param(a, name, layout):
-    a = _as_array(a)
+def _check_channel_param(a, name, layout, like=None):
+    a = _as_array(a, like)
     if not _is_float_dtype(a.dtype):
         raise TypeError(f"{name} must be a floating array ({_DTYPES_TEXT}), got: "
                         f"{name}.dtype={a.dtype}")
@@ -100,8 +114,16 @@ def _check_channel_param(a, name, layout):
     return a.astype(_F64)
 
 
+def _is_array(a):
+    return isinstance(a, np.ndarray) or is_cupy_array(a)
+
+
+def _writeable(a):
+    return getattr(a.flags, "writeable", True)  # CuPy arrays are always writable
+
+
 def _check_running(a, name, layout):
-    if not isinstance(a, np.ndarray):
+    if not _is_array(a):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got: "
                         f"{type(a).__name__}")
     if not _is_float_dtype(a.dtype):
@@ -110,7 +132,7 @@ def _check_running(a, name, layout):
     if a.shape != (layout.C,):
         raise ValueError(f"{name} must have shape ({layout.C},) to match the {layout.C} "
                          f"channels of x along axis={layout.axis}, got: {name}.shape={a.shape}")
-    if not a.flags.writeable:
+    if not _writeable(a):
         raise ValueError(f"{name} is read-only, but running statistics are updated in place")
     return a
 
@@ -136,19 +158,22 @@ def _check_real(v, name, low=None):
 
 
 def _check_out(out, name, shape, dtype):
-    if not isinstance(out, np.ndarray):
+    if not _is_array(out):
         raise TypeError(f"{name} must be a numpy.ndarray, got: {type(out).__name__}")
     if out.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got: {name}.shape={out.shape}")
     if out.dtype != dtype:
         raise TypeError(f"{name} must have dtype {dtype}, got: {name}.dtype={out.dtype}")
-    if not out.flags.writeable:
+    if not _writeable(out):
         raise ValueError(f"{name} is read-only")
 
 
+def _data_pointer(a):
+    return a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
+
+
 def _same_view(a, b):
-    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
-            and a.strides == b.strides and a.shape == b.shape)
+    return _data_pointer(a) == _data_pointer(b) and a.strides == b.strides and a.shape == b.shape
 
 
 def _output(out, name, layout, dtype, inputs3):
@@ -157,17 +182,18 @@ def _output(out, name, layout, dtype, inputs3):
     The kernels write `out` directly when they can: its 3-D view exists without a copy,
     has kernel strides, and aliases no input except as the very same view (an in-place
     call such as out=x is safe: a channel's reduction finishes before it is written)."""
+    xp = _xp_for(inputs3[0])
     if out is None:
-        y = np.empty(layout.shape, dtype)
+        y = xp.empty(layout.shape, dtype)
         return y, y.reshape(layout.shape3), None
     _check_out(out, name, layout.shape, dtype)
     y3 = out.reshape(layout.shape3)
-    direct = np.may_share_memory(y3, out) or out.size == 0
-    direct = direct and _kernel_ready(y3) and not any(
-        v is not None and np.may_share_memory(y3, v) and not _same_view(y3, v) for v in inputs3)
+    direct = xp.may_share_memory(y3, out) or out.size == 0
+    direct = direct and (xp is not np or _kernel_ready(y3)) and not any(
+        v is not None and xp.may_share_memory(y3, v) and not _same_view(y3, v) for v in inputs3)
     if direct:
         return out, y3, None
-    tmp = np.empty(layout.shape, dtype)
+    tmp = xp.empty(layout.shape, dtype)
     return out, tmp.reshape(layout.shape3), tmp
 
 
@@ -194,7 +220,7 @@ def _check_activation(activation):
 
 def _check_like(a, name, x, layout, like="x"):
     """An array that must match x in shape and dtype (residual, dy, y) -> its 3-D view."""
-    a = _as_array(a)
+    a = _as_array(a, x)
     if a.shape != x.shape:
         raise ValueError(f"{name} must have the shape of {like} {x.shape}, got: "
                          f"{name}.shape={a.shape}")
@@ -312,15 +338,15 @@ def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, a
     relu = _check_activation(activation)
     res3 = None if residual is None else _check_like(residual, "residual", x, layout)
     _check_running_pair(running_mean, running_var, layout)
-    w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
-    b = np.zeros(layout.C) if bias is None else _check_channel_param(bias, "bias", layout)
+    w = _xp_for(x).ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout, x)
+    b = _xp_for(x).zeros(layout.C) if bias is None else _check_channel_param(bias, "bias", layout, x)
     momentum = _check_real(momentum, "momentum")
     eps = _check_real(eps, "eps", low=0.0)
     _check_training_batch(x, layout)
     x3 = _view3(x, layout)
     y, y3, tmp = _output(out, "out", layout, x.dtype, (x3, res3))
     if layout.count == 0:  # empty batch: nothing to normalize, statistics undefined
-        nan = np.full(layout.C, np.nan)
+        nan = _xp_for(x).full(layout.C, np.nan)
         return y, nan, nan.copy()
     mean, var, invstd = backend.train_forward(x3, y3, w, b, eps, res3, relu)
     _finish(y, tmp)
@@ -399,10 +425,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var must be defined in evaluation mode "
                          "(training=False)")
-    rm = _check_channel_param(running_mean, "running_mean", layout)
-    rv = _check_channel_param(running_var, "running_var", layout)
-    w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
-    b = np.zeros(layout.C) if bias is None else _check_channel_param(bias, "bias", layout)
+    rm = _check_channel_param(running_mean, "running_mean", layout, x)
+    rv = _check_channel_param(running_var, "running_var", layout, x)
+    w = _xp_for(x).ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout, x)
+    b = _xp_for(x).zeros(layout.C) if bias is None else _check_channel_param(bias, "bias", layout, x)
     _check_real(momentum, "momentum")
     eps = _check_real(eps, "eps", low=0.0)
     x3 = _view3(x, layout)
@@ -518,9 +544,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     """
     _, backend = backend_for(dy, x, mean, invstd, weight, out, y)
     x, dy3, x3, layout, y3 = _check_backward_data(dy, x, axis, activation, y)
-    mean = _check_channel_param(mean, "mean", layout)
-    invstd = _check_channel_param(invstd, "invstd", layout)
-    w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
+    mean = _check_channel_param(mean, "mean", layout, x)
+    invstd = _check_channel_param(invstd, "invstd", layout, x)
+    w = _xp_for(x).ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout, x)
     frozen = not training
     if not frozen:
         _check_training_batch(x, layout)
@@ -554,7 +580,7 @@ def _residual_grad_output(wanted, x, layout, y3, dy3):
     activation."""
     if not wanted:
         return None, None
-    dres = np.empty(layout.shape, x.dtype)
+    dres = _xp_for(x).empty(layout.shape, x.dtype)
     if y3 is None:
         dres.reshape(layout.shape3)[...] = dy3
         return dres, None
@@ -604,8 +630,8 @@ def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None, acti
         _no_out_for_dask(out)
         layout = backend._checked(x, axis)
         _check_activation(activation)
-        return backend.normalize(x, _check_channel_param(mean, "mean", layout),
-                                 _check_channel_param(invstd, "invstd", layout),
+        return backend.normalize(x, _check_channel_param(mean, "mean", layout, x),
+                                 _check_channel_param(invstd, "invstd", layout, x),
                                  None if weight is None else _check_channel_param(weight, "weight", layout),
                                  None if bias is None else _check_channel_param(bias, "bias", layout),
                                  layout, activation, residual)
@@ -613,10 +639,10 @@ def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None, acti
     layout = _Layout(x.shape, axis)
     relu = _check_activation(activation)
     res3 = None if residual is None else _check_like(residual, "residual", x, layout)
-    mean = _check_channel_param(mean, "mean", layout)
-    invstd = _check_channel_param(invstd, "invstd", layout)
-    w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
-    b = np.zeros(layout.C) if bias is None else _check_channel_param(bias, "bias", layout)
+    mean = _check_channel_param(mean, "mean", layout, x)
+    invstd = _check_channel_param(invstd, "invstd", layout, x)
+    w = _xp_for(x).ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout, x)
+    b = _xp_for(x).zeros(layout.C) if bias is None else _check_channel_param(bias, "bias", layout, x)
     x3 = _view3(x, layout)
     y, y3, tmp = _output(out, "out", layout, x.dtype, (x3, res3))
     backend.normalize(x3, y3, mean, w * invstd, b, res3, relu)
@@ -656,8 +682,8 @@ def backward_reduce(dy, x, mean, invstd, *, axis=1, activation=None, y=None):
     """
     _, backend = backend_for(dy, x, mean, invstd, y)
     x, dy3, x3, layout, y3 = _check_backward_data(dy, x, axis, activation, y)
-    mean = _check_channel_param(mean, "mean", layout)
-    invstd = _check_channel_param(invstd, "invstd", layout)
+    mean = _check_channel_param(mean, "mean", layout, x)
+    invstd = _check_channel_param(invstd, "invstd", layout, x)
     sdy, sxmu = backend.backward_reduce(dy3, x3, mean, y3)
     return sdy, invstd * sxmu
 
@@ -705,11 +731,11 @@ def backward_elementwise(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, count
     """
     _, backend = backend_for(dy, x, mean, invstd, weight, sum_dy, sum_dy_xhat, out, y)
     x, dy3, x3, layout, y3 = _check_backward_data(dy, x, axis, activation, y)
-    mean = _check_channel_param(mean, "mean", layout)
-    invstd = _check_channel_param(invstd, "invstd", layout)
-    w = np.ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout)
-    sdy = _check_channel_param(sum_dy, "sum_dy", layout)
-    sdx = _check_channel_param(sum_dy_xhat, "sum_dy_xhat", layout)
+    mean = _check_channel_param(mean, "mean", layout, x)
+    invstd = _check_channel_param(invstd, "invstd", layout, x)
+    w = _xp_for(x).ones(layout.C) if weight is None else _check_channel_param(weight, "weight", layout, x)
+    sdy = _check_channel_param(sum_dy, "sum_dy", layout, x)
+    sdx = _check_channel_param(sum_dy_xhat, "sum_dy_xhat", layout, x)
     try:
         count = operator.index(count)
     except TypeError:
@@ -741,7 +767,4 @@ def get_backend(x):
     >>> fbn.get_backend(np.zeros((2, 3)))
     'cpu'
     """
-    name = backend_name_for(x)
-    if name == "cuda":
-        backend_for(x)  # raises: the CUDA backend does not exist yet
-    return name
+    return backend_name_for(x)

@@ -34,14 +34,14 @@ def array_family(a):
 
     Raises TypeError for array types fastbn cannot take (device arrays of other
     libraries, masked arrays, numpy.matrix)."""
+    if is_cupy_array(a):
+        return "cupy"
     if isinstance(a, np.ndarray):
         if isinstance(a, (np.ma.MaskedArray, np.matrix)):
             raise TypeError(
                 f"fastbn does not accept {_describe(a)} (masks / matrix semantics would be "
                 "ignored); pass a plain numpy.ndarray")
         return "numpy"
-    if is_cupy_array(a):
-        return "cupy"
     if is_dask_array(a):
         return "dask"
     if hasattr(a, "__cuda_array_interface__"):
@@ -61,9 +61,8 @@ def _reference_backend():
 
 
 def _cuda_backend():
-    raise NotImplementedError(
-        "fastbn's CUDA backend for CuPy arrays is not available yet; convert with "
-        "cupy.asnumpy(x) to use the CPU backend")
+    from . import _backend_cupy
+    return _backend_cupy
 
 
 # array family -> backend factory (scipy's spatial.transform registry pattern)

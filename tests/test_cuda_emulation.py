@@ -11,7 +11,6 @@ ASan-built runner:
         FASTBN_EMU_SANITIZE=address pytest tests/test_cuda_emulation.py
 (a TSan-built runner does not load into CPython; the driver covers TSan).
 """
-import ctypes
 import os
 import pathlib
 import shutil
@@ -20,60 +19,18 @@ import subprocess
 import numpy as np
 import pytest
 
-from fastbn import _cuda_kernels, _cuda_launch, _reference
+from fastbn import _cuda_launch, _reference
 from conftest import make_data
+from cuda_emulation.emulated import build_module
 
 HERE = pathlib.Path(__file__).resolve().parent / "cuda_emulation"
 CXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not installed")
 
-_CTYPES = {np.dtype(np.int64): ctypes.c_int64, np.dtype(np.float64): ctypes.c_double,
-           np.dtype(np.int32): ctypes.c_int32, np.dtype(np.uint64): ctypes.c_uint64}
-
-
-class EmulatedKernel:
-    """kernel(grid, block, args) like cupy.RawKernel; arrays pass their data pointer."""
-
-    def __init__(self, lib, name):
-        self.lib, self.name = lib, name
-
-    def __call__(self, grid, block, args, shared_mem=0):
-        boxes = []
-        for a in args:
-            if isinstance(a, np.ndarray):
-                boxes.append(ctypes.c_void_p(a.ctypes.data))
-            else:
-                boxes.append(_CTYPES[np.asarray(a).dtype](a))
-        params = (ctypes.c_void_p * len(boxes))(*[ctypes.addressof(b) for b in boxes])
-        status = self.lib.fbn_emu_launch_kernel(self.name.encode(), *grid, *block, params)
-        assert status == 0, self.name
-
-
-class EmulatedModule:
-    """cupy.RawModule(code=..., name_expressions=...) stand-in."""
-
-    def __init__(self, lib, name_expressions):
-        for name in name_expressions:
-            assert lib.fbn_emu_has_kernel(name.encode()), name
-        self.lib = lib
-
-    def get_function(self, name):
-        return EmulatedKernel(self.lib, name)
-
 
 @pytest.fixture(scope="module")
 def module(tmp_path_factory):
-    out = tmp_path_factory.mktemp("emu") / "fbn_emu.so"
-    cmd = [CXX, "-std=c++20", "-O1", "-g", "-pthread", "-shared", "-fPIC",
-           str(HERE / "runner.cpp"), "-o", str(out)]
-    sanitize = os.environ.get("FASTBN_EMU_SANITIZE")
-    if sanitize:
-        cmd.insert(1, f"-fsanitize={sanitize}")
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    lib = ctypes.CDLL(str(out))
-    lib.fbn_emu_launch_kernel.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [ctypes.c_void_p]
-    return EmulatedModule(lib, _cuda_kernels.NAME_EXPRESSIONS)
-
+    return build_module(tmp_path_factory.mktemp("emu") / "fbn_emu.so")
 
 # (shape of the (outer, C, inner) view, how the view is made)
 CASES = [((6, 3, 5), "contiguous"), ((37, 4, 1), "contiguous"), ((5, 3, 7), "channels-last"),

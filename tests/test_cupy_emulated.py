@@ -1,0 +1,124 @@
+"""The public API on "CuPy" arrays end to end, with a stand-in `cupy` module: NumPy-backed
+arrays of their own type and a RawModule that runs the CUDA kernels under the CPU
+emulation. This exercises dispatch, validation, layouts, outputs, in-place running
+statistics and the CUDA backend's launch sequences; it is not CuPy (no device memory,
+no streams, no NVRTC), and nothing here ran on a GPU."""
+import functools
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import fastbn as fbn
+from conftest import make_data
+from cuda_emulation.emulated import CXX, build_module
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not installed")
+
+
+class FakeCupyArray(np.ndarray):
+    @property
+    def data(self):  # cupy.ndarray.data.ptr
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+
+def _dev(a):
+    return np.asarray(a).view(FakeCupyArray)
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    return build_module(tmp_path_factory.mktemp("emu") / "fbn_emu.so")
+
+
+@pytest.fixture
+def cupy(emulated, monkeypatch):
+    fake = types.ModuleType("cupy")
+    fake.ndarray = FakeCupyArray
+    fake.asarray = lambda a, dtype=None: _dev(np.asarray(a, dtype))
+    fake.ascontiguousarray = lambda a: _dev(np.ascontiguousarray(a))
+    fake.empty = lambda shape, dtype=float: _dev(np.empty(shape, dtype))
+    fake.zeros = lambda shape, dtype=float: _dev(np.zeros(shape, dtype))
+    fake.ones = lambda shape, dtype=float: _dev(np.ones(shape, dtype))
+    fake.full = lambda shape, v, dtype=None: _dev(np.full(shape, v, dtype))
+    fake.zeros_like = lambda a: _dev(np.zeros_like(a))
+    fake.may_share_memory = np.may_share_memory
+    fake.memoize = lambda for_each_device=False: functools.lru_cache(maxsize=None)
+
+    class RawModule:
+        def __init__(self, code, options=(), name_expressions=()):
+            assert "fbn_moments_partial" in code and tuple(options) == ("--std=c++11",)
+            self._names = set(name_expressions)
+
+        def get_function(self, name):
+            assert name in self._names, name
+            return emulated.get_function(name)
+
+    fake.RawModule = RawModule
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.delitem(sys.modules, "fastbn._backend_cupy", raising=False)
+    yield fake
+    sys.modules.pop("fastbn._backend_cupy", None)
+
+
+CASES = [((6, 3, 5), 1), ((5, 4, 3), -1), ((37, 4), 1), ((2, 3, 4, 5), 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_api_on_cupy_arrays_matches_the_cpu(cupy, shape, axis, dtype):
+    x = make_data(shape, dtype, seed=1)
+    dy = make_data(shape, dtype, seed=2)
+    r = make_data(shape, dtype, seed=3)
+    C = shape[axis]
+    w, b = np.linspace(0.5, 1.5, C), np.linspace(-1, 1, C)
+    tol = {np.float64: 1e-12, np.float32: 2e-6, np.float16: 2e-3}[dtype]
+    gx, gdy, gr, gw, gb = map(_dev, (x, dy, r, w, b))
+    assert fbn.get_backend(gx) == "cuda"
+
+    mean, var = fbn.moments(gx, axis, ddof=1)
+    emean, evar = fbn.moments(x, axis, ddof=1)
+    assert type(mean) is FakeCupyArray
+    np.testing.assert_allclose(np.asarray(mean), emean, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(var), evar, rtol=1e-6)
+
+    rm, rv = _dev(np.zeros(C, np.float32)), _dev(np.ones(C, np.float32))
+    erm, erv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    y, gmean, ginvstd = fbn.batch_norm_forward(gx, gw, gb, rm, rv, axis=axis, activation="relu",
+                                               residual=gr)
+    ey, emean_, einvstd = fbn.batch_norm_forward(x, w, b, erm, erv, axis=axis, activation="relu",
+                                                 residual=r)
+    assert type(y) is FakeCupyArray and y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_allclose(np.asarray(y, float), ey.astype(float), rtol=tol, atol=tol * 4)
+    np.testing.assert_allclose(np.asarray(rm), erm, rtol=1e-6)  # updated in place
+    np.testing.assert_allclose(np.asarray(rv), erv, rtol=1e-6)
+
+    dx, dw, db, dres = fbn.batch_norm_backward(gdy, gx, gmean, ginvstd, gw, axis=axis,
+                                               activation="relu", y=y, return_residual_grad=True)
+    edx, edw, edb, edres = fbn.batch_norm_backward(dy, x, emean_, einvstd, w, axis=axis,
+                                                   activation="relu", y=ey,
+                                                   return_residual_grad=True)
+    scale = 1 + np.abs(edx.astype(float)).max()
+    np.testing.assert_allclose(np.asarray(dx, float), edx.astype(float), rtol=tol * 10,
+                               atol=tol * 10 * scale)
+    np.testing.assert_allclose(np.asarray(dw), edw, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(db), edb, rtol=1e-5, atol=1e-5)
+
+    y_eval = fbn.batch_norm(gx, rm, rv, gw, gb, axis=axis)
+    np.testing.assert_allclose(np.asarray(y_eval, float),
+                               fbn.batch_norm(x, erm, erv, w, b, axis=axis).astype(float),
+                               rtol=tol, atol=tol * 4)
+    out = _dev(np.empty_like(x))
+    assert fbn.batch_norm(gx, rm, rv, gw, gb, axis=axis, out=out) is out
+
+
+def test_cupy_errors(cupy):
+    gx = _dev(make_data((4, 3, 5), np.float32))
+    with pytest.raises(TypeError, match="mixed array types"):
+        fbn.batch_norm(gx, np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match=r"weight.shape=\(4,\)"):
+        fbn.batch_norm_forward(gx, _dev(np.ones(4)))
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    with pytest.raises(TypeError, match="CUDA backend takes float16, float32 or float64"):
+        fbn.moments(_dev(np.ones((4, 3), ml_dtypes.bfloat16)))
