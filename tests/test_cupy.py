@@ -1,8 +1,10 @@
-"""The public API on "CuPy" arrays end to end, with a stand-in `cupy` module: NumPy-backed
-arrays of their own type and a RawModule that runs the CUDA kernels under the CPU
-emulation. This exercises dispatch, validation, layouts, outputs, in-place running
-statistics and the CUDA backend's launch sequences; it is not CuPy (no device memory,
-no streams, no NVRTC), and nothing here ran on a GPU."""
+"""The public API on CuPy arrays end to end, against the CPU results.
+
+Two flavours of `cupy`: "emulated", a stand-in module with NumPy-backed arrays of their
+own type and a RawModule that runs the CUDA kernels under the CPU emulation (always;
+exercises dispatch, validation, layouts, outputs, in-place running statistics and the
+CUDA backend's launch sequences, but no device memory, streams or NVRTC), and "gpu",
+the real CuPy, which runs whenever CuPy is installed and sees a GPU (never here)."""
 import functools
 import sys
 import types
@@ -32,8 +34,30 @@ def emulated(tmp_path_factory):
     return build_module(tmp_path_factory.mktemp("emu") / "fbn_emu.so")
 
 
-@pytest.fixture
-def cupy(emulated, monkeypatch):
+class Device:
+    """How a test moves arrays to and from the namespace under test."""
+
+    def __init__(self, module, to_dev, to_host):
+        self.module, self.to_dev, self.to_host = module, to_dev, to_host
+
+
+@pytest.fixture(params=["emulated", "gpu"])
+def device(request, tmp_path_factory, monkeypatch):
+    if request.param == "gpu":
+        real = pytest.importorskip("cupy")
+        if not real.is_available():
+            pytest.skip("CuPy is installed but sees no GPU")
+        yield Device(real, real.asarray, real.asnumpy)
+        return
+    emulated = request.getfixturevalue("emulated")
+    fake = _fake_cupy(emulated)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.delitem(sys.modules, "fastbn._backend_cupy", raising=False)
+    yield Device(fake, _dev, np.asarray)
+    sys.modules.pop("fastbn._backend_cupy", None)
+
+
+def _fake_cupy(emulated):
     fake = types.ModuleType("cupy")
     fake.ndarray = FakeCupyArray
     fake.asarray = lambda a, dtype=None: _dev(np.asarray(a, dtype))
@@ -56,10 +80,7 @@ def cupy(emulated, monkeypatch):
             return emulated.get_function(name)
 
     fake.RawModule = RawModule
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.delitem(sys.modules, "fastbn._backend_cupy", raising=False)
-    yield fake
-    sys.modules.pop("fastbn._backend_cupy", None)
+    return fake
 
 
 CASES = [((6, 3, 5), 1), ((5, 4, 3), -1), ((37, 4), 1), ((2, 3, 4, 5), 1)]
@@ -67,32 +88,33 @@ CASES = [((6, 3, 5), 1), ((5, 4, 3), -1), ((37, 4), 1), ((2, 3, 4, 5), 1)]
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,axis", CASES)
-def test_api_on_cupy_arrays_matches_the_cpu(cupy, shape, axis, dtype):
+def test_api_on_cupy_arrays_matches_the_cpu(device, shape, axis, dtype):
     x = make_data(shape, dtype, seed=1)
     dy = make_data(shape, dtype, seed=2)
     r = make_data(shape, dtype, seed=3)
     C = shape[axis]
     w, b = np.linspace(0.5, 1.5, C), np.linspace(-1, 1, C)
     tol = {np.float64: 1e-12, np.float32: 2e-6, np.float16: 2e-3}[dtype]
-    gx, gdy, gr, gw, gb = map(_dev, (x, dy, r, w, b))
+    dev, host = device.to_dev, device.to_host
+    gx, gdy, gr, gw, gb = map(dev, (x, dy, r, w, b))
     assert fbn.get_backend(gx) == "cuda"
 
     mean, var = fbn.moments(gx, axis, ddof=1)
     emean, evar = fbn.moments(x, axis, ddof=1)
-    assert type(mean) is FakeCupyArray
-    np.testing.assert_allclose(np.asarray(mean), emean, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(var), evar, rtol=1e-6)
+    assert type(mean) is device.module.ndarray
+    np.testing.assert_allclose(host(mean), emean, rtol=1e-6)
+    np.testing.assert_allclose(host(var), evar, rtol=1e-6)
 
-    rm, rv = _dev(np.zeros(C, np.float32)), _dev(np.ones(C, np.float32))
+    rm, rv = dev(np.zeros(C, np.float32)), dev(np.ones(C, np.float32))
     erm, erv = np.zeros(C, np.float32), np.ones(C, np.float32)
     y, gmean, ginvstd = fbn.batch_norm_forward(gx, gw, gb, rm, rv, axis=axis, activation="relu",
                                                residual=gr)
     ey, emean_, einvstd = fbn.batch_norm_forward(x, w, b, erm, erv, axis=axis, activation="relu",
                                                  residual=r)
-    assert type(y) is FakeCupyArray and y.dtype == x.dtype and y.shape == x.shape
-    np.testing.assert_allclose(np.asarray(y, float), ey.astype(float), rtol=tol, atol=tol * 4)
-    np.testing.assert_allclose(np.asarray(rm), erm, rtol=1e-6)  # updated in place
-    np.testing.assert_allclose(np.asarray(rv), erv, rtol=1e-6)
+    assert type(y) is device.module.ndarray and y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_allclose(host(y).astype(float), ey.astype(float), rtol=tol, atol=tol * 4)
+    np.testing.assert_allclose(host(rm), erm, rtol=1e-6)  # updated in place
+    np.testing.assert_allclose(host(rv), erv, rtol=1e-6)
 
     dx, dw, db, dres = fbn.batch_norm_backward(gdy, gx, gmean, ginvstd, gw, axis=axis,
                                                activation="relu", y=y, return_residual_grad=True)
@@ -100,25 +122,26 @@ def test_api_on_cupy_arrays_matches_the_cpu(cupy, shape, axis, dtype):
                                                    activation="relu", y=ey,
                                                    return_residual_grad=True)
     scale = 1 + np.abs(edx.astype(float)).max()
-    np.testing.assert_allclose(np.asarray(dx, float), edx.astype(float), rtol=tol * 10,
+    np.testing.assert_allclose(host(dx).astype(float), edx.astype(float), rtol=tol * 10,
                                atol=tol * 10 * scale)
-    np.testing.assert_allclose(np.asarray(dw), edw, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(db), edb, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(host(dw), edw, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(host(db), edb, rtol=1e-5, atol=1e-5)
 
     y_eval = fbn.batch_norm(gx, rm, rv, gw, gb, axis=axis)
-    np.testing.assert_allclose(np.asarray(y_eval, float),
+    np.testing.assert_allclose(host(y_eval).astype(float),
                                fbn.batch_norm(x, erm, erv, w, b, axis=axis).astype(float),
                                rtol=tol, atol=tol * 4)
-    out = _dev(np.empty_like(x))
+    out = dev(np.empty_like(x))
     assert fbn.batch_norm(gx, rm, rv, gw, gb, axis=axis, out=out) is out
 
 
-def test_cupy_errors(cupy):
-    gx = _dev(make_data((4, 3, 5), np.float32))
+def test_cupy_errors(device):
+    dev = device.to_dev
+    gx = dev(make_data((4, 3, 5), np.float32))
     with pytest.raises(TypeError, match="mixed array types"):
         fbn.batch_norm(gx, np.zeros(3), np.ones(3))
     with pytest.raises(ValueError, match=r"weight.shape=\(4,\)"):
-        fbn.batch_norm_forward(gx, _dev(np.ones(4)))
+        fbn.batch_norm_forward(gx, dev(np.ones(4)))
     ml_dtypes = pytest.importorskip("ml_dtypes")
     with pytest.raises(TypeError, match="CUDA backend takes float16, float32 or float64"):
-        fbn.moments(_dev(np.ones((4, 3), ml_dtypes.bfloat16)))
+        fbn.moments(dev(np.ones((4, 3), ml_dtypes.bfloat16)))
