@@ -30,14 +30,21 @@ def _blocks(n):
     return int(max(1, min(-(-n // THREADS), _MAX_BLOCKS)))
 
 
-def moments(module, xp, x3, eps=0.0):
-    """-> (count, mean, m2, var, invstd) with float64 (C,) device arrays."""
+def _reduction(xp, x3, part_width, out_width):
+    """Grid of the per-channel reductions: -> (C, inner, m, splits, chunk, partials
+    buffer [C][splits][part_width], result buffer [C][out_width])."""
     outer, C, inner = x3.shape
     m = outer * inner
     splits = reduction_splits(C, m)
     chunk = -(-m // splits) if m else 0
-    part = xp.empty((C, splits, 3), dtype=np.float64)
-    out = xp.empty((C, 5), dtype=np.float64)
+    part = xp.empty((C, splits, part_width), dtype=np.float64)
+    out = xp.empty((C, out_width), dtype=np.float64)
+    return C, inner, m, splits, chunk, part, out
+
+
+def moments(module, xp, x3, eps=0.0):
+    """-> (count, mean, m2, var, invstd) with float64 (C,) device arrays."""
+    C, inner, m, splits, chunk, part, out = _reduction(xp, x3, 3, 5)
     so, sc, si = _strides(x3)
     module.get_function(kernel_name("fbn_moments_partial", x3.dtype))(
         (C, splits, 1), (THREADS, 1, 1), (x3, _i64(inner), so, sc, si, _i64(m), _i64(chunk), part))
@@ -69,12 +76,7 @@ def train_forward(module, xp, x3, y3, weight, bias, eps, res3=None, relu=False):
 
 def backward_reduce(module, xp, dy3, x3, mean, y3=None):
     """-> (sum(g), sum(g * (x - mean))), float64 (C,); g = dy masked by y > 0."""
-    outer, C, inner = x3.shape
-    m = outer * inner
-    splits = reduction_splits(C, m)
-    chunk = -(-m // splits) if m else 0
-    part = xp.empty((C, splits, 2), dtype=np.float64)
-    out = xp.empty((C, 2), dtype=np.float64)
+    C, inner, m, splits, chunk, part, out = _reduction(xp, x3, 2, 2)
     ys = _strides(y3) if y3 is not None else [_i64(0)] * 3
     module.get_function(kernel_name("fbn_backward_partial", x3.dtype))(
         (C, splits, 1), (THREADS, 1, 1),
