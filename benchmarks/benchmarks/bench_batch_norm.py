@@ -46,3 +46,46 @@ class BatchNorm(Benchmark):
 
     def peakmem_training_forward(self, *args):
         fbn.batch_norm_forward(self.x, self.w, self.b, self.rm, self.rv, axis=self.axis)
+
+
+class BatchNormCuPy(Benchmark):
+    """The same operations on CuPy arrays (skipped without CuPy and a GPU); the stream is
+    synchronized inside each timed call."""
+    params = [["32x64x56x56", "128x512x7x7"], ["float32", "float16"], ["nchw", "nhwc"]]
+    param_names = ["shape", "dtype", "layout"]
+
+    def setup(self, shape, dtype, layout):
+        try:
+            import cupy
+        except ImportError:
+            raise NotImplementedError("CuPy is not installed")
+        if not cupy.is_available():
+            raise NotImplementedError("no GPU")
+        self.cupy = cupy
+        self.axis = channel_axis(layout)
+        self.x = cupy.asarray(get_array(_shape(shape), dtype, layout))
+        self.dy = self.x * 0.5
+        C = self.x.shape[self.axis]
+        self.rm, self.rv = cupy.zeros(C, "float32"), cupy.ones(C, "float32")
+        self.w, self.b = cupy.ones(C, "float32"), cupy.zeros(C, "float32")
+        _, self.mean, self.invstd = fbn.batch_norm_forward(self.x, axis=self.axis)
+        self.cupy.cuda.get_current_stream().synchronize()
+
+    def _sync(self):
+        self.cupy.cuda.get_current_stream().synchronize()
+
+    def time_moments(self, *args):
+        fbn.moments(self.x, self.axis)
+        self._sync()
+
+    def time_training_forward(self, *args):
+        fbn.batch_norm_forward(self.x, self.w, self.b, self.rm, self.rv, axis=self.axis)
+        self._sync()
+
+    def time_inference_forward(self, *args):
+        fbn.batch_norm(self.x, self.rm, self.rv, self.w, self.b, axis=self.axis)
+        self._sync()
+
+    def time_backward(self, *args):
+        fbn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w, axis=self.axis)
+        self._sync()
