@@ -3,7 +3,7 @@ import contextlib
 
 import numpy as np
 
-from ._api import batch_norm, batch_norm_backward, batch_norm_forward, welford
+from ._api import _xp_for, batch_norm, batch_norm_backward, batch_norm_forward, welford
 from ._moments import merge_moments
 
 __all__ = ["BatchNorm", "SyncBatchNorm"]
@@ -79,6 +79,33 @@ class BatchNorm:
         self.grad_weight = self.grad_bias = self.grad_residual = None
         self._cache = None
         self._population = None
+
+    # ------------------------------------------------------------------ device
+    def to(self, xp):
+        """Move parameters, running statistics and gradients to the array namespace `xp`
+        (``numpy``, or ``cupy`` for the CUDA backend), like ``torch.nn.Module.to``.
+        Returns self.
+
+        Examples
+        --------
+        >>> import numpy as np, fastbn as fbn
+        >>> bn = fbn.BatchNorm(3).to(np)   # with CuPy: bn.to(cupy), then bn(cupy_x)
+        >>> type(bn.weight).__name__
+        'ndarray'
+        """
+        def move(a):
+            if a is None:
+                return None
+            if xp is np:
+                return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) \
+                    else np.asarray(a)
+            return xp.asarray(a)
+
+        for name in ("weight", "bias", "running_mean", "running_var", "grad_weight",
+                     "grad_bias"):
+            setattr(self, name, move(getattr(self, name)))
+        self._cache = None
+        return self
 
     # ------------------------------------------------------------------ modes
     def train(self, mode=True):
@@ -234,7 +261,9 @@ class BatchNorm:
         for k in expected:
             if k not in state_dict:
                 continue
-            v = np.asarray(state_dict[k])
+            v = state_dict[k]
+            if not hasattr(v, "__cuda_array_interface__"):
+                v = np.asarray(v)  # NumPy arrays, CPU tensors, lists
             if k == "num_batches_tracked":
                 if v.shape != ():
                     raise ValueError(f"num_batches_tracked must be a scalar, got shape {v.shape}")
@@ -248,7 +277,11 @@ class BatchNorm:
             if k == "num_batches_tracked":
                 self.num_batches_tracked = v
             else:
-                getattr(self, k)[...] = v
+                target = getattr(self, k)
+                xp = _xp_for(target)
+                if xp is np and not isinstance(v, np.ndarray):
+                    v = v.get()  # a device array into a NumPy layer
+                target[...] = xp.asarray(v)
 
     def __repr__(self):
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "

@@ -145,3 +145,28 @@ def test_cupy_errors(device):
     ml_dtypes = pytest.importorskip("ml_dtypes")
     with pytest.raises(TypeError, match="CUDA backend takes float16, float32 or float64"):
         fbn.moments(dev(np.ones((4, 3), ml_dtypes.bfloat16)))
+
+
+def test_layer_moved_to_cupy(device):
+    dev, host = device.to_dev, device.to_host
+    x = make_data((8, 3, 4, 5), np.float32, seed=4)
+    dy = make_data(x.shape, np.float32, seed=5)
+    cpu = fbn.BatchNorm(3, activation="relu")
+    gpu = fbn.BatchNorm(3, activation="relu").to(device.module)
+    assert type(gpu.weight) is device.module.ndarray
+    for step in range(2):
+        np.testing.assert_allclose(host(gpu(dev(x + step))), cpu(x + step), rtol=2e-6, atol=2e-6)
+        np.testing.assert_allclose(host(gpu.backward(dev(dy))), cpu.backward(dy), rtol=1e-5,
+                                   atol=1e-5)
+    np.testing.assert_allclose(host(gpu.running_var), cpu.running_var, rtol=1e-6)
+    np.testing.assert_allclose(host(gpu.grad_weight), cpu.grad_weight, rtol=1e-5, atol=1e-5)
+    gpu.eval()
+    cpu.eval()
+    np.testing.assert_allclose(host(gpu(dev(x))), cpu(x), rtol=2e-6, atol=2e-6)
+    fresh = fbn.BatchNorm(3).to(device.module)
+    fresh.load_state_dict(cpu.state_dict())  # NumPy state into a device layer
+    np.testing.assert_array_equal(host(fresh.running_mean), cpu.running_mean)
+    back = gpu.to(np)
+    assert isinstance(back.running_var, np.ndarray)
+    with pytest.raises(TypeError, match="mixed array types"):
+        fbn.BatchNorm(3)(dev(x))  # NumPy parameters, device input
