@@ -30,11 +30,16 @@ def _block_moments(x, axis, keepdims=True, channel_axis=1, computing_meta=False,
     out = np.zeros(shape, dtype=STATS)
     if computing_meta or x.size == 0:
         return out
-    m = _api.welford(x, channel_axis)
+    m = _api.welford(x, channel_axis)  # NumPy blocks on the CPU core, CuPy blocks on CUDA
     out["n"] = m.count
-    out["mean"] = m.mean.reshape(shape)
-    out["m2"] = m.m2.reshape(shape)
+    out["mean"] = _host(m.mean).reshape(shape)
+    out["m2"] = _host(m.m2).reshape(shape)
     return out
+
+
+def _host(a):
+    """A (C,) per-channel array on the host (the partials are tiny)."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
 
 
 def _merge(parts, axis, keepdims=True, computing_meta=False, **kwargs):
@@ -121,7 +126,8 @@ def _broadcast(v, x, layout):
 
 
 def _normalize_block(xb, mean, invstd, weight, bias, channel_axis, activation, residual=None):
-    flat = [v.reshape(-1) for v in (mean, invstd, weight, bias)]
+    xp = _api._xp_for(xb)  # the per-channel constants follow the block to its device
+    flat = [xp.asarray(v.reshape(-1)) for v in (mean, invstd, weight, bias)]
     return _api.normalize(xb, flat[0], flat[1], flat[2], flat[3], axis=channel_axis,
                           activation=activation, residual=residual)
 
@@ -135,7 +141,7 @@ def normalize(x, mean, invstd, weight, bias, layout, activation=None, residual=N
         args.append(da.asarray(residual).rechunk(x.chunks))
     return da.map_blocks(
         lambda xb, m, s, w, b, *r: _normalize_block(xb, m, s, w, b, k, activation, *r),
-        *args, dtype=x.dtype, meta=np.empty((0,) * x.ndim, dtype=x.dtype))
+        *args, dtype=x.dtype, meta=x._meta)
 
 
 def _param(v, name, layout):

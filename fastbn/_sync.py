@@ -16,6 +16,8 @@ Before the data exchange the ranks exchange a small status record (channel count
 axis, and any local argument error), so a bad or mismatched rank makes every rank raise
 a clear error instead of leaving the others waiting in a collective.
 """
+import sys
+
 import numpy as np
 
 from . import _api
@@ -53,10 +55,15 @@ def _agree(comm, local_error, C, dtype, axis):
         raise SyncError(f"ranks disagree on the channel count or dtype ({detail})")
 
 
-def _allgather_rows(comm, row):
-    """Gather one float64 row per rank -> (size, len(row)) array, rows in rank order."""
-    out = np.empty((comm.Get_size(), row.shape[0]), dtype=np.float64)
-    comm.Allgather(np.ascontiguousarray(row, dtype=np.float64), out)
+def _allgather_rows(comm, xp, count, *vectors):
+    """Gather one float64 row [count, *vectors] per rank -> (size, width) array of the
+    namespace xp, rows in rank order. With CuPy arrays the buffers stay on the device
+    (mpi4py passes them to a CUDA-aware MPI through __cuda_array_interface__)."""
+    row = xp.concatenate([xp.full(1, float(count))] + [v.astype(np.float64) for v in vectors])
+    out = xp.empty((comm.Get_size(), row.shape[0]), dtype=np.float64)
+    if xp is not np:
+        sys.modules["cupy"].cuda.get_current_stream().synchronize()  # row is ready
+    comm.Allgather(row, out)
     return out
 
 
@@ -118,8 +125,9 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
     local, error = _local(local_moments)
     C = local.mean.shape[0] if local is not None else None
     _agree(comm, error, C, getattr(xa, "dtype", None), axis)
-    rows = _allgather_rows(comm, np.concatenate(([local.count], local.mean, local.m2)))
-    total = Moments(0, np.zeros(C), np.zeros(C))
+    xp = _api._xp_for(local.mean)
+    rows = _allgather_rows(comm, xp, local.count, local.mean, local.m2)
+    total = Moments(0, xp.zeros(C), xp.zeros(C))
     for row in rows:  # rank order: the same bits on every rank
         total = total.merge(Moments(int(row[0]), row[1:C + 1], row[C + 1:]))
     if total.count <= 1:
@@ -166,10 +174,11 @@ def sync_batch_norm_backward(dy, x, mean, invstd, weight=None, *, comm, axis=1, 
     C = local[0].shape[0] if local is not None else None
     _agree(comm, error, C, getattr(xa, "dtype", None), axis)
     count = xa.size // C if C else 0
-    rows = _allgather_rows(comm, np.concatenate(([count], local[0], local[1])))
+    xp = _api._xp_for(local[0])
+    rows = _allgather_rows(comm, xp, count, local[0], local[1])
     total_count = 0
-    sum_dy = np.zeros(C)
-    sum_dy_xhat = np.zeros(C)
+    sum_dy = xp.zeros(C)
+    sum_dy_xhat = xp.zeros(C)
     for row in rows:  # rank order
         total_count += int(row[0])
         sum_dy = sum_dy + row[1:C + 1]

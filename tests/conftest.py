@@ -1,5 +1,6 @@
 import contextlib
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -67,3 +68,39 @@ def make_data(shape, dtype, seed=0, loc=0.5, scale=2.0):
 def _reset_threads():
     yield
     fbn.set_num_threads(None)
+
+
+# ---------------------------------------------------------------- CuPy: stand-in or real
+@pytest.fixture(scope="session")
+def emulated(tmp_path_factory):
+    """The CUDA kernels compiled for the CPU emulation (tests/cuda_emulation)."""
+    from cuda_emulation.emulated import CXX, build_module
+    if CXX is None:
+        pytest.skip("g++ not installed")
+    return build_module(tmp_path_factory.mktemp("emu") / "fbn_emu.so")
+
+
+class Device:
+    """How a test moves arrays to and from the namespace under test."""
+
+    def __init__(self, module, to_dev, to_host):
+        self.module, self.to_dev, self.to_host = module, to_dev, to_host
+
+
+@pytest.fixture(params=["emulated", "gpu"])
+def device(request, tmp_path_factory, monkeypatch):
+    if request.param == "gpu":
+        real = pytest.importorskip("cupy")
+        if not real.is_available():
+            pytest.skip("CuPy is installed but sees no GPU")
+        yield Device(real, real.asarray, real.asnumpy)
+        return
+    from cuda_emulation.fake_cupy import _dev, _fake_cupy
+    emulated = request.getfixturevalue("emulated")
+    fake = _fake_cupy(emulated)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.delitem(sys.modules, "fastbn._backend_cupy", raising=False)
+    yield Device(fake, _dev, np.asarray)
+    sys.modules.pop("fastbn._backend_cupy", None)
+
+

@@ -22,6 +22,8 @@ def pieces(n, size, uneven, empty_rank):
 
 
 def check(case):
+    if case.startswith("cupy"):
+        return check_cupy(case)
     axis = -1 if "nhwc" in case else 1
     shape = (23, 7, 5, 3) if axis == -1 else (23, 5, 6, 7)
     rng = np.random.default_rng(42)
@@ -80,6 +82,36 @@ def check(case):
     layer.eval()
     whole.eval()
     np.testing.assert_allclose(layer(x[mine]), whole(x)[mine], **tol)
+
+
+def check_cupy(case):
+    """Synchronized BN on "CuPy" arrays: the stand-in cupy of test_cupy.py over the
+    emulated CUDA kernels (library built by the test, path in FASTBN_EMU_SO). The gather
+    buffers are device arrays, as with a CUDA-aware MPI."""
+    import os
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cuda_emulation.emulated import load_module
+    from cuda_emulation.fake_cupy import _dev, _fake_cupy
+    sys.modules["cupy"] = _fake_cupy(load_module(os.environ["FASTBN_EMU_SO"]))
+    rng = np.random.default_rng(42)
+    shape = (23, 4, 5)
+    x = rng.normal(2.0, 3.0, size=shape)
+    dy = rng.normal(size=shape)
+    w, b = rng.normal(size=4), rng.normal(size=4)
+    mine = pieces(shape[0], size, uneven=True, empty_rank=1 if size > 1 else None)[rank]
+    rm0, rv0 = np.zeros(4), np.ones(4)
+    y0, mean0, invstd0 = fbn.batch_norm_forward(x, w, b, rm0, rv0, activation="relu")
+    dx0, dw0, db0 = fbn.batch_norm_backward(dy, x, mean0, invstd0, w, activation="relu", y=y0)
+    rm, rv = _dev(np.zeros(4)), _dev(np.ones(4))
+    y, mean, invstd = fbn.sync_batch_norm_forward(_dev(x[mine]), _dev(w), _dev(b), rm, rv,
+                                                  comm=comm, activation="relu")
+    assert type(y) is sys.modules["cupy"].ndarray
+    dx, dw, db = fbn.sync_batch_norm_backward(_dev(dy[mine]), _dev(x[mine]), mean, invstd,
+                                              _dev(w), comm=comm, activation="relu", y=y)
+    tol = dict(rtol=1e-12, atol=1e-12)
+    for a, e in ((y, y0[mine]), (mean, mean0), (invstd, invstd0), (rm, rm0), (rv, rv0),
+                 (dx, dx0[mine]), (dw, dw0), (db, db0)):
+        np.testing.assert_allclose(np.asarray(a), e, **tol)
 
 
 def check_mismatch():

@@ -5,82 +5,15 @@ own type and a RawModule that runs the CUDA kernels under the CPU emulation (alw
 exercises dispatch, validation, layouts, outputs, in-place running statistics and the
 CUDA backend's launch sequences, but no device memory, streams or NVRTC), and "gpu",
 the real CuPy, which runs whenever CuPy is installed and sees a GPU (never here)."""
-import functools
-import sys
-import types
-
 import numpy as np
 import pytest
 
 import fastbn as fbn
 from conftest import make_data
-from cuda_emulation.emulated import CXX, build_module
+from cuda_emulation.emulated import CXX
+from cuda_emulation.fake_cupy import _dev
 
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ not installed")
-
-
-class FakeCupyArray(np.ndarray):
-    @property
-    def data(self):  # cupy.ndarray.data.ptr
-        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
-
-
-def _dev(a):
-    return np.asarray(a).view(FakeCupyArray)
-
-
-@pytest.fixture(scope="module")
-def emulated(tmp_path_factory):
-    return build_module(tmp_path_factory.mktemp("emu") / "fbn_emu.so")
-
-
-class Device:
-    """How a test moves arrays to and from the namespace under test."""
-
-    def __init__(self, module, to_dev, to_host):
-        self.module, self.to_dev, self.to_host = module, to_dev, to_host
-
-
-@pytest.fixture(params=["emulated", "gpu"])
-def device(request, tmp_path_factory, monkeypatch):
-    if request.param == "gpu":
-        real = pytest.importorskip("cupy")
-        if not real.is_available():
-            pytest.skip("CuPy is installed but sees no GPU")
-        yield Device(real, real.asarray, real.asnumpy)
-        return
-    emulated = request.getfixturevalue("emulated")
-    fake = _fake_cupy(emulated)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.delitem(sys.modules, "fastbn._backend_cupy", raising=False)
-    yield Device(fake, _dev, np.asarray)
-    sys.modules.pop("fastbn._backend_cupy", None)
-
-
-def _fake_cupy(emulated):
-    fake = types.ModuleType("cupy")
-    fake.ndarray = FakeCupyArray
-    fake.asarray = lambda a, dtype=None: _dev(np.asarray(a, dtype))
-    fake.ascontiguousarray = lambda a: _dev(np.ascontiguousarray(a))
-    fake.empty = lambda shape, dtype=float: _dev(np.empty(shape, dtype))
-    fake.zeros = lambda shape, dtype=float: _dev(np.zeros(shape, dtype))
-    fake.ones = lambda shape, dtype=float: _dev(np.ones(shape, dtype))
-    fake.full = lambda shape, v, dtype=None: _dev(np.full(shape, v, dtype))
-    fake.zeros_like = lambda a: _dev(np.zeros_like(a))
-    fake.may_share_memory = np.may_share_memory
-    fake.memoize = lambda for_each_device=False: functools.lru_cache(maxsize=None)
-
-    class RawModule:
-        def __init__(self, code, options=(), name_expressions=()):
-            assert "fbn_moments_partial" in code and tuple(options) == ("--std=c++11",)
-            self._names = set(name_expressions)
-
-        def get_function(self, name):
-            assert name in self._names, name
-            return emulated.get_function(name)
-
-    fake.RawModule = RawModule
-    return fake
 
 
 CASES = [((6, 3, 5), 1), ((5, 4, 3), -1), ((37, 4), 1), ((2, 3, 4, 5), 1)]

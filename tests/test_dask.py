@@ -84,3 +84,20 @@ def test_distributed_local_cluster_of_processes():
     np.testing.assert_allclose(mean, x.mean(axis=(0, 2)), rtol=1e-13)
     np.testing.assert_allclose(var, x.var(axis=(0, 2)), rtol=1e-12)
     np.testing.assert_allclose(y, fbn.batch_norm_forward(x)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_dask_with_cupy_blocks(device):
+    """Dask arrays whose blocks are CuPy arrays: the block statistics run on the CUDA
+    backend, the merged statistics normalize each block on its device."""
+    dev, host = device.to_dev, device.to_host
+    x = make_data((24, 3, 10), np.float32, loc=2.0)
+    dx = da.from_array(dev(x), chunks=(5, 3, 4), asarray=False)
+    assert type(dx._meta) is device.module.ndarray
+    mean, var = fbn.moments(dx)
+    emean, evar = fbn.moments(x)
+    np.testing.assert_allclose(host(mean.compute()), emean, rtol=1e-6)
+    np.testing.assert_allclose(host(var.compute()), evar, rtol=1e-6)
+    yd = fbn.batch_norm(dx, None, None, training=True)
+    assert type(yd.blocks[1, 0, 2].compute()) is device.module.ndarray  # stays on the device
+    y = host(yd.compute())
+    np.testing.assert_allclose(y, fbn.batch_norm_forward(x)[0], rtol=2e-6, atol=2e-6)

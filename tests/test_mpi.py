@@ -15,9 +15,9 @@ WORKER = pathlib.Path(__file__).with_name("mpi_worker.py")
 pytestmark = pytest.mark.skipif(MPIRUN is None, reason="mpirun (OpenMPI) not installed")
 
 
-def _mpirun(n, case, timeout=120):
+def _mpirun(n, case, timeout=120, **extra_env):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMP_NUM_THREADS="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+               OMP_NUM_THREADS="1", OMPI_MCA_rmaps_base_oversubscribe="1", **extra_env)
     cmd = [MPIRUN, "-n", str(n), "--oversubscribe", sys.executable, str(WORKER), case]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                           cwd=WORKER.parent)
@@ -30,6 +30,18 @@ def _mpirun(n, case, timeout=120):
                                   "uneven-relu", "empty-nhwc-relu"])
 def test_sync_bn_equals_whole_batch(n, case):
     _mpirun(n, case)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_sync_bn_on_cupy_arrays(n, tmp_path_factory):
+    """CuPy arrays (the stand-in over the emulated CUDA kernels; gather buffers on the
+    "device" as with a CUDA-aware MPI), uneven pieces with an empty rank."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    from cuda_emulation.emulated import build_module
+    lib = tmp_path_factory.mktemp("emu") / "fbn_emu.so"
+    build_module(lib)
+    _mpirun(n, "cupy-uneven-empty", FASTBN_EMU_SO=str(lib))
 
 
 @pytest.mark.parametrize("n", [2, 3])

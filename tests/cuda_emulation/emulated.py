@@ -4,6 +4,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import threading
 
 import numpy as np
 
@@ -14,6 +15,12 @@ CXX = shutil.which("g++")
 
 _CTYPES = {np.dtype(np.int64): ctypes.c_int64, np.dtype(np.float64): ctypes.c_double,
            np.dtype(np.int32): ctypes.c_int32, np.dtype(np.uint64): ctypes.c_uint64}
+
+
+# The emulation keeps one launch's state in globals (grid and block sizes, the block's
+# barriers, shared memory): launches from several host threads take turns, as kernels
+# on one stream do.
+_LAUNCH_LOCK = threading.Lock()
 
 
 class EmulatedKernel:
@@ -30,7 +37,8 @@ class EmulatedKernel:
             else:
                 boxes.append(_CTYPES[np.asarray(a).dtype](a))
         params = (ctypes.c_void_p * len(boxes))(*[ctypes.addressof(b) for b in boxes])
-        status = self.lib.fbn_emu_launch_kernel(self.name.encode(), *grid, *block, params)
+        with _LAUNCH_LOCK:
+            status = self.lib.fbn_emu_launch_kernel(self.name.encode(), *grid, *block, params)
         assert status == 0, self.name
 
 
@@ -54,7 +62,12 @@ def build_module(out):
     if sanitize:
         cmd.insert(1, f"-fsanitize={sanitize}")
     subprocess.run(cmd, check=True, capture_output=True, text=True)
-    lib = ctypes.CDLL(str(out))
+    return load_module(out)
+
+
+def load_module(path):
+    """An EmulatedModule over an already built runner library."""
+    lib = ctypes.CDLL(str(path))
     lib.fbn_emu_launch_kernel.argtypes = [ctypes.c_char_p] + [ctypes.c_uint] * 6 + [ctypes.c_void_p]
     return EmulatedModule(lib, _cuda_kernels.NAME_EXPRESSIONS)
 
