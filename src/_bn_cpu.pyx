@@ -27,10 +27,6 @@ cnp.import_array()
 ctypedef Py_ssize_t idx
 
 
-cdef extern from "bn_kernels.hpp":
-    bint FASTBN_HAVE_HALF
-
-
 cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     ctypedef struct Epilogue:
         const void* res
@@ -122,11 +118,6 @@ ctypedef fused data_t:
 def openmp_enabled():
     """True when the extension was compiled with OpenMP."""
     return bool(FASTBN_OPENMP_ENABLED)
-
-
-def half_supported():
-    """True when the compiler offers _Float16 (float16 kernels are built)."""
-    return bool(FASTBN_HAVE_HALF)
 
 
 def max_threads():
@@ -275,37 +266,32 @@ cdef int _dtype_code(cnp.ndarray a):
 
 # --------------------------------------------------------------- forward passes
 
+cdef void _optional_view(object a3, const void** data, idx* so, idx* sc):
+    """Data pointer and outer/channel strides of an optional (outer, C, inner) view."""
+    data[0] = NULL
+    so[0] = 0
+    sc[0] = 0
+    if a3 is not None:
+        data[0] = cnp.PyArray_DATA(a3)
+        so[0] = _stride(a3, 0)
+        sc[0] = _stride(a3, 1)
+
+
 cdef Epilogue _epilogue(object res3, bint relu, bint stream):
     cdef Epilogue e
     e.relu = relu
     e.stream = stream
-    e.res = NULL
-    e.res_so = 0
-    e.res_sc = 0
-    if res3 is not None:
-        e.res = cnp.PyArray_DATA(res3)
-        e.res_so = _stride(res3, 0)
-        e.res_sc = _stride(res3, 1)
+    _optional_view(res3, &e.res, &e.res_so, &e.res_sc)
     return e
 
 
 cdef Activation _activation(object y3, object dres3, bint stream):
     cdef Activation act
+    cdef const void* dres
     act.stream = stream
-    act.y = NULL
-    act.y_so = 0
-    act.y_sc = 0
-    act.dres = NULL
-    act.dres_so = 0
-    act.dres_sc = 0
-    if y3 is not None:
-        act.y = cnp.PyArray_DATA(y3)
-        act.y_so = _stride(y3, 0)
-        act.y_sc = _stride(y3, 1)
-    if dres3 is not None:
-        act.dres = cnp.PyArray_DATA(dres3)
-        act.dres_so = _stride(dres3, 0)
-        act.dres_sc = _stride(dres3, 1)
+    _optional_view(y3, &act.y, &act.y_so, &act.y_sc)
+    _optional_view(dres3, &dres, &act.dres_so, &act.dres_sc)
+    act.dres = <void*> dres
     return act
 
 

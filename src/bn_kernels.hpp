@@ -62,7 +62,6 @@ static const int LANES = 32;
 // _Float16 conversions stay scalar (or become libgcc calls) in loops, and not every
 // compiler has _Float16.
 struct half { uint16_t bits; };
-#define FASTBN_HAVE_HALF 1
 struct bf16 { uint16_t bits; };
 
 FASTBN_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
