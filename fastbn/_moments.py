@@ -95,9 +95,14 @@ class Moments:
         # Same expression order as merge_into() in src/bn_kernels.hpp.
         na, nb = float(self.count), float(other.count)
         n = na + nb
-        d = other.mean - self.mean
-        mean = self.mean + d * (nb / n)
-        m2 = self.m2 + (other.m2 + (d * d) * (na * nb / n))
+        with np.errstate(invalid="ignore"):  # Inf - Inf: the NaN it should give
+            d = other.mean - self.mean
+            mean = self.mean + d * (nb / n)
+            m2 = self.m2 + (other.m2 + (d * d) * (na * nb / n))
+            finite = d * 0.0 == 0.0
+            if not finite.all():  # an Inf or NaN mean: as merge_into
+                mean = np.where(finite, mean, self.mean + other.mean)
+                m2 = np.where(finite, m2, d * 0.0)
         return Moments(self.count + other.count, mean, m2)
 
 

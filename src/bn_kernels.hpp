@@ -131,8 +131,15 @@ FASTBN_INLINE void merge_into(Moments& a, double nb, double mb, double m2b) {
     }
     double n = a.n + nb;
     double d = mb - a.mean;
-    a.mean = a.mean + d * (nb / n);
-    a.m2 = a.m2 + (m2b + (d * d) * (a.n * nb / n));
+    if (d * 0.0 == 0.0) {
+        a.mean = a.mean + d * (nb / n);
+        a.m2 = a.m2 + (m2b + (d * d) * (a.n * nb / n));
+    } else {
+        // an Inf or NaN mean: the sum of the means, as a plain sum gives (Inf + finite
+        // = Inf, Inf - Inf = NaN), and M2 NaN, as numpy's var -- whatever the blocking
+        a.mean = a.mean + mb;
+        a.m2 = d * 0.0;
+    }
     a.n = n;
 }
 
@@ -617,8 +624,10 @@ FASTBN_INLINE void merge_all_channels(idx C, double n_acc, double nb, const doub
     double n = n_acc + nb, f = nb / n, w = n_acc * nb / n;
     for (idx c = 0; c < C; ++c) {
         double d = bmean[c] - mean[c];
-        mean[c] = mean[c] + d * f;
-        m2[c] = m2[c] + (bm2[c] + (d * d) * w);
+        bool finite = d * 0.0 == 0.0;  // non-finite means: as merge_into
+        double merged_mean = mean[c] + d * f, merged_m2 = m2[c] + (bm2[c] + (d * d) * w);
+        mean[c] = finite ? merged_mean : mean[c] + bmean[c];
+        m2[c] = finite ? merged_m2 : d * 0.0;
     }
 }
 

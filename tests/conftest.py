@@ -83,24 +83,50 @@ def emulated(tmp_path_factory):
 class Device:
     """How a test moves arrays to and from the namespace under test."""
 
-    def __init__(self, module, to_dev, to_host):
-        self.module, self.to_dev, self.to_host = module, to_dev, to_host
+    def __init__(self, name, module, to_dev, to_host):
+        self.name, self.module, self.to_dev, self.to_host = name, module, to_dev, to_host
+        self.is_numpy = module is np
+
+    # short names for the parametrized API suites
+    def asarray(self, a):
+        return self.to_dev(a)
+
+    def asnumpy(self, a):
+        return self.to_host(a)
+
+    def skip_unless_supported(self, dtype):
+        """The CUDA backend takes float16/32/64 only (bfloat16 raises, tested)."""
+        if not self.is_numpy and np.dtype(dtype) not in (np.float16, np.float32, np.float64):
+            pytest.skip(f"{np.dtype(dtype)} is not a CUDA backend dtype")
 
 
-@pytest.fixture(params=["emulated", "gpu"])
-def device(request, tmp_path_factory, monkeypatch):
-    if request.param == "gpu":
+def _cupy_device(kind, request, monkeypatch):
+    if kind == "gpu":
         real = pytest.importorskip("cupy")
         if not real.is_available():
             pytest.skip("CuPy is installed but sees no GPU")
-        yield Device(real, real.asarray, real.asnumpy)
-        return
+        return Device("cupy", real, real.asarray, real.asnumpy)
     from cuda_emulation.fake_cupy import _dev, _fake_cupy
     emulated = request.getfixturevalue("emulated")
     fake = _fake_cupy(emulated)
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.delitem(sys.modules, "fastbn._backend_cupy", raising=False)
-    yield Device(fake, _dev, np.asarray)
-    sys.modules.pop("fastbn._backend_cupy", None)
+    request.addfinalizer(lambda: sys.modules.pop("fastbn._backend_cupy", None))
+    return Device("cupy-emulated", fake, _dev, np.asarray)
 
 
+@pytest.fixture(params=["emulated", "gpu"])
+def device(request, monkeypatch):
+    """CuPy arrays: the stand-in over the emulated kernels, and the real CuPy (GPU only)."""
+    return _cupy_device(request.param, request, monkeypatch)
+
+
+@pytest.fixture(params=["numpy", "cupy-emulated", "cupy"])
+def xp(request, monkeypatch):
+    """The array namespace an API test runs on: NumPy (the CPU backend); the CuPy
+    stand-in whose RawModule runs the CUDA kernels under the CPU emulation (always, so
+    the CUDA launch paths run in CI); and the real CuPy (whenever cupy.is_available())."""
+    if request.param == "numpy":
+        return Device("numpy", np, np.asarray, np.asarray)
+    return _cupy_device("emulated" if request.param == "cupy-emulated" else "gpu", request,
+                        monkeypatch)

@@ -53,9 +53,29 @@ __device__ __forceinline__ fbn_moments fbn_merge(fbn_moments a, fbn_moments b) {
     double n = a.n + b.n, d = b.mean - a.mean;
     fbn_moments r;
     r.n = n;
-    r.mean = a.mean + d * (b.n / n);
-    r.m2 = a.m2 + (b.m2 + (d * d) * (a.n * b.n / n));
+    if (d * 0.0 == 0.0) {
+        r.mean = a.mean + d * (b.n / n);
+        r.m2 = a.m2 + (b.m2 + (d * d) * (a.n * b.n / n));
+    } else {
+        // an Inf or NaN mean: the sum of the means, as a plain sum gives (Inf + finite
+        // = Inf, Inf - Inf = NaN), and M2 NaN -- the CPU core's rule (merge_into)
+        r.mean = a.mean + b.mean;
+        r.m2 = d * 0.0;
+    }
     return r;
+}
+
+// One element into a thread's Welford accumulator (non-finite values as fbn_merge).
+__device__ __forceinline__ void fbn_welford_add(fbn_moments& acc, double v) {
+    acc.n += 1;
+    double d = v - acc.mean;
+    if (d * 0.0 == 0.0) {
+        acc.mean += d / acc.n;
+        acc.m2 += d * (v - acc.mean);
+    } else {
+        acc.mean += v;
+        acc.m2 = d * 0.0;
+    }
 }
 
 // Merge the moments of all threads of the block; the result is valid in thread 0.
@@ -125,10 +145,7 @@ fbn_moments_partial(const T* x, i64 inner, i64 so, i64 sc, i64 si, i64 m, i64 ch
             i -= inner;
             ++o;
         }
-        acc.n += 1;
-        double d = v - acc.mean;
-        acc.mean += d / acc.n;
-        acc.m2 += d * (v - acc.mean);
+        fbn_welford_add(acc, v);
     }
     fbn_moments total = fbn_block_merge(acc);
     if (threadIdx.x == 0) {

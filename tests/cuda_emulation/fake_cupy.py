@@ -23,6 +23,9 @@ def _fake_cupy(emulated):
     fake.ndarray = FakeCupyArray
     fake.asarray = lambda a, dtype=None: _dev(np.asarray(a, dtype))
     fake.ascontiguousarray = lambda a: _dev(np.ascontiguousarray(a))
+    fake.asfortranarray = lambda a: _dev(np.asfortranarray(a))
+    fake.empty_like = lambda a: _dev(np.empty_like(a))
+    fake.asnumpy = np.asarray
     fake.empty = lambda shape, dtype=float: _dev(np.empty(shape, dtype))
     fake.zeros = lambda shape, dtype=float: _dev(np.zeros(shape, dtype))
     fake.ones = lambda shape, dtype=float: _dev(np.ones(shape, dtype))

@@ -58,27 +58,30 @@ inline unsigned short fbn_emu_float_to_half(float v) {
 }
 
 // Run kernel<<<grid, block>>>(args...): blocks one after another, each block's threads
-// concurrently.
+// concurrently. The block's threads are created once per launch and run every block in
+// turn, meeting at a barrier of their own between blocks (so __shared__ variables belong
+// to one block at a time).
 template <class... A, class... B>
 void fbn_emu_launch(void (*kernel)(A...), fbn_dim3 grid, fbn_dim3 block, B... args) {
     gridDim = grid;
     blockDim = block;
     unsigned n = block.x * block.y * block.z;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                std::barrier<> bb(n);
-                fbn_emu::block_barrier = &bb;
-                fbn_emu::warp_barriers.clear();
-                for (unsigned w = 0; w < (n + 31) / 32; ++w)
-                    fbn_emu::warp_barriers.emplace_back(new std::barrier<>(n - 32 * w < 32 ? n - 32 * w : 32));
-                std::vector<std::thread> threads;
-                for (unsigned t = 0; t < n; ++t)
-                    threads.emplace_back([=] {
-                        threadIdx = {t, 0, 0};
+    std::barrier<> bb(n), block_done(n);
+    fbn_emu::block_barrier = &bb;
+    fbn_emu::warp_barriers.clear();
+    for (unsigned w = 0; w < (n + 31) / 32; ++w)
+        fbn_emu::warp_barriers.emplace_back(new std::barrier<>(n - 32 * w < 32 ? n - 32 * w : 32));
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < n; ++t)
+        threads.emplace_back([=, &block_done] {
+            threadIdx = {t, 0, 0};
+            for (unsigned bz = 0; bz < grid.z; ++bz)
+                for (unsigned by = 0; by < grid.y; ++by)
+                    for (unsigned bx = 0; bx < grid.x; ++bx) {
                         blockIdx = {bx, by, bz};
                         kernel(args...);
-                    });
-                for (auto& th : threads) th.join();
-            }
+                        block_done.arrive_and_wait();
+                    }
+        });
+    for (auto& th : threads) th.join();
 }
