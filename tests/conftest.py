@@ -1,4 +1,5 @@
 import contextlib
+import functools
 import os
 import sys
 
@@ -94,10 +95,54 @@ class Device:
     def asnumpy(self, a):
         return self.to_host(a)
 
+    @property
+    def api(self):
+        """fastbn itself on NumPy; on CuPy a proxy whose functions take and return host
+        arrays: NumPy array arguments go to the device, results come back, and device
+        copies of the arguments are copied back into them after the call (so in-place
+        updates of running statistics show, and so would any write to an input)."""
+        return fbn if self.is_numpy else _HostProxy(self)
+
     def skip_unless_supported(self, dtype):
         """The CUDA backend takes float16/32/64 only (bfloat16 raises, tested)."""
         if not self.is_numpy and np.dtype(dtype) not in (np.float16, np.float32, np.float64):
             pytest.skip(f"{np.dtype(dtype)} is not a CUDA backend dtype")
+
+
+class _HostProxy:
+    def __init__(self, device):
+        self._device = device
+
+    def __getattr__(self, name):
+        fn = getattr(fbn, name)
+        return functools.partial(self._call, fn) if callable(fn) else fn
+
+    def _to_dev(self, a, moved):
+        if isinstance(a, np.ndarray):
+            self._device.skip_unless_supported(a.dtype)
+            d = self._device.to_dev(a)
+            moved.append((a, d))
+            return d
+        return a
+
+    def _to_host(self, r):
+        if isinstance(r, (tuple, list)):
+            return type(r)(self._to_host(v) for v in r)
+        if isinstance(r, fbn.Moments):
+            return fbn.Moments(r.count, self._to_host(r.mean), self._to_host(r.m2))
+        if isinstance(r, self._device.module.ndarray):
+            return np.asarray(self._device.to_host(r))
+        return r
+
+    def _call(self, fn, *args, **kwargs):
+        moved = []
+        args = [self._to_dev(a, moved) for a in args]
+        kwargs = {k: self._to_dev(v, moved) for k, v in kwargs.items()}
+        result = fn(*args, **kwargs)
+        for host, dev in moved:
+            if host.flags.writeable:
+                np.copyto(host, self._device.to_host(dev))
+        return self._to_host(result)
 
 
 def _cupy_device(kind, request, monkeypatch):
@@ -112,7 +157,8 @@ def _cupy_device(kind, request, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.delitem(sys.modules, "fastbn._backend_cupy", raising=False)
     request.addfinalizer(lambda: sys.modules.pop("fastbn._backend_cupy", None))
-    return Device("cupy-emulated", fake, _dev, np.asarray)
+    # host -> "device" copies, as a transfer would make
+    return Device("cupy-emulated", fake, lambda a: _dev(np.array(a)), np.asarray)
 
 
 @pytest.fixture(params=["emulated", "gpu"])
