@@ -119,7 +119,8 @@ class _HostProxy:
 
     def _to_dev(self, a, moved):
         if isinstance(a, np.ndarray):
-            self._device.skip_unless_supported(a.dtype)
+            if BFLOAT16 is not None and a.dtype == BFLOAT16:
+                self._device.skip_unless_supported(a.dtype)
             d = self._device.to_dev(a)
             moved.append((a, d))
             return d
@@ -138,10 +139,12 @@ class _HostProxy:
         moved = []
         args = [self._to_dev(a, moved) for a in args]
         kwargs = {k: self._to_dev(v, moved) for k, v in kwargs.items()}
-        result = fn(*args, **kwargs)
-        for host, dev in moved:
-            if host.flags.writeable:
-                np.copyto(host, self._device.to_host(dev))
+        try:
+            result = fn(*args, **kwargs)
+        finally:  # after a raise too: "changes nothing" must hold on the device
+            for host, dev in moved:
+                if host.flags.writeable:
+                    np.copyto(host, self._device.to_host(dev))
         return self._to_host(result)
 
 

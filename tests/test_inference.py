@@ -12,35 +12,37 @@ def _bn_params(C, seed=0):
             rng.normal(size=C))
 
 
-def test_fold_linear_equals_two_layers():
+def test_fold_linear_equals_two_layers(xp):
+    F = xp.api
     rng = np.random.default_rng(1)
     W, b = rng.normal(size=(6, 10)), rng.normal(size=6)
     rm, rv, g, beta = _bn_params(6)
     x = rng.normal(size=(32, 10))
-    two_layers = fbn.batch_norm(x @ W.T + b, rm, rv, g, beta, eps=1e-3)
-    Wf, bf = fbn.fold_batch_norm(W, b, rm, rv, g, beta, eps=1e-3)
+    two_layers = F.batch_norm(x @ W.T + b, rm, rv, g, beta, eps=1e-3)
+    Wf, bf = F.fold_batch_norm(W, b, rm, rv, g, beta, eps=1e-3)
     np.testing.assert_allclose(x @ Wf.T + bf, two_layers, rtol=1e-12, atol=1e-12)
-    Wf0, bf0 = fbn.fold_batch_norm(W, None, rm, rv, g, beta, eps=1e-3)
-    np.testing.assert_allclose(x @ Wf0.T + bf0, fbn.batch_norm(x @ W.T, rm, rv, g, beta, eps=1e-3),
+    Wf0, bf0 = F.fold_batch_norm(W, None, rm, rv, g, beta, eps=1e-3)
+    np.testing.assert_allclose(x @ Wf0.T + bf0, F.batch_norm(x @ W.T, rm, rv, g, beta, eps=1e-3),
                                rtol=1e-12, atol=1e-12)
 
 
-def test_fold_conv_1x1_and_transposed_layout():
+def test_fold_conv_1x1_and_transposed_layout(xp):
+    F = xp.api
     rng = np.random.default_rng(2)
     W = rng.normal(size=(5, 3, 1, 1)).astype(np.float32)
     rm, rv, g, beta = _bn_params(5)
     x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
     conv = np.einsum("oi,nihw->nohw", W[:, :, 0, 0], x)
-    Wf, bf = fbn.fold_batch_norm(W, None, rm, rv, g, beta)
+    Wf, bf = F.fold_batch_norm(W, None, rm, rv, g, beta)
     assert Wf.dtype == np.float32
     folded = np.einsum("oi,nihw->nohw", Wf[:, :, 0, 0], x) + bf[None, :, None, None]
-    np.testing.assert_allclose(folded, fbn.batch_norm(conv, rm, rv, g, beta), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(folded, F.batch_norm(conv, rm, rv, g, beta), rtol=1e-4, atol=1e-4)
     Wt = np.ascontiguousarray(W.transpose(1, 0, 2, 3))  # (in, out, kh, kw)
-    Wtf, btf = fbn.fold_batch_norm(Wt, None, rm, rv, g, beta, transposed=True)
+    Wtf, btf = F.fold_batch_norm(Wt, None, rm, rv, g, beta, transposed=True)
     np.testing.assert_allclose(Wtf.transpose(1, 0, 2, 3), Wf, rtol=1e-6)
     np.testing.assert_allclose(btf, bf, rtol=1e-6)
     with pytest.raises(ValueError, match=r"running_mean must have shape \(3,\)"):
-        fbn.fold_batch_norm(W, None, rm, rv, transposed=True)
+        F.fold_batch_norm(W, None, rm, rv, transposed=True)
 
 
 def test_fold_matches_torch_fusion():
@@ -79,12 +81,13 @@ def test_fold_matches_torch_fusion():
     np.testing.assert_allclose(bl, fused_l.bias.detach().numpy(), rtol=1e-12)
 
 
-def test_frozen_params_equal_eval_batch_norm():
+def test_frozen_params_equal_eval_batch_norm(xp):
+    F = xp.api
     rm, rv, g, beta = _bn_params(3, seed=4)
     x = make_data((7, 3, 5), np.float64)
-    scale, shift = fbn.frozen_batch_norm_params(rm, rv, g, beta, eps=1e-4)
+    scale, shift = F.frozen_batch_norm_params(rm, rv, g, beta, eps=1e-4)
     np.testing.assert_allclose(x * scale[:, None] + shift[:, None],
-                               fbn.batch_norm(x, rm, rv, g, beta, eps=1e-4), rtol=1e-12, atol=1e-12)
+                               F.batch_norm(x, rm, rv, g, beta, eps=1e-4), rtol=1e-12, atol=1e-12)
 
 
 def test_frozen_params_match_torchvision_semantics():
@@ -99,15 +102,18 @@ def test_frozen_params_match_torchvision_semantics():
     np.testing.assert_allclose(shift, tshift.numpy(), rtol=1e-13, atol=1e-15)
 
 
-def test_population_statistics_exact_vs_momentum():
+def test_population_statistics_exact_vs_momentum(xp):
+    F = xp.api
     data = make_data((3000, 4, 6), np.float32, loc=3.0)
     batches = np.array_split(data, 41)
-    mean, var = fbn.population_statistics(batches)
+    mean, var = F.population_statistics(xp.asarray(b) for b in batches)
+    mean, var = xp.asnumpy(mean), xp.asnumpy(var)
     d = data.astype(np.float64).transpose(1, 0, 2).reshape(4, -1)
     np.testing.assert_allclose(mean, d.mean(axis=1), rtol=1e-12)
     np.testing.assert_allclose(var, d.var(axis=1, ddof=1), rtol=1e-10)
     # from precomputed partials too
-    mean2, var2 = fbn.population_statistics([fbn.welford(b) for b in batches])
+    mean2, var2 = map(xp.asnumpy, fbn.population_statistics([fbn.welford(xp.asarray(b))
+                                                             for b in batches]))
     np.testing.assert_array_equal(mean2, mean)
     with pytest.raises(ValueError, match="at least one"):
-        fbn.population_statistics([])
+        F.population_statistics([])

@@ -16,16 +16,17 @@ def _torch_bn(torch, ndim, C, **kw):
 @pytest.mark.parametrize("shape", [(16, 5), (8, 5, 7), (4, 5, 6, 3), (2, 5, 3, 4, 2)])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
-def test_layer_matches_torch(shape, momentum, affine, track):
+def test_layer_matches_torch(xp, shape, momentum, affine, track):
     torch = pytest.importorskip("torch")
     C = shape[1]
     ours = fbn.BatchNorm(C, momentum=momentum, affine=affine, track_running_stats=track,
-                         dtype=np.float64)
+                         dtype=np.float64).to(xp.module)
+    host = xp.asnumpy
     theirs = _torch_bn(torch, len(shape), C, momentum=momentum, affine=affine,
                        track_running_stats=track)
     if affine:
         w = np.linspace(0.5, 2.0, C)
-        ours.weight[...] = w
+        ours.weight[...] = xp.asarray(w)
         with torch.no_grad():
             theirs.weight.copy_(torch.from_numpy(w))
     for step in range(3):
@@ -37,17 +38,21 @@ def test_layer_matches_torch(shape, momentum, affine, track):
             tx = torch.from_numpy(x).requires_grad_()
             ty = theirs(tx)
             ty.backward(torch.from_numpy(dy))
-            y = ours(x)
-            dx = ours.backward(dy)
+            y = host(ours(xp.asarray(x)))
+            dx = host(ours.backward(xp.asarray(dy)))
             np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-10, atol=1e-11)
             np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-9, atol=1e-10)
             if affine:
-                np.testing.assert_allclose(ours.grad_weight, theirs.weight.grad.numpy(), rtol=1e-9)
-                np.testing.assert_allclose(ours.grad_bias, theirs.bias.grad.numpy(), rtol=1e-9)
+                np.testing.assert_allclose(host(ours.grad_weight), theirs.weight.grad.numpy(),
+                                           rtol=1e-9)
+                np.testing.assert_allclose(host(ours.grad_bias), theirs.bias.grad.numpy(),
+                                           rtol=1e-9)
                 theirs.weight.grad = theirs.bias.grad = None
             if track:
-                np.testing.assert_allclose(ours.running_mean, theirs.running_mean.numpy(), rtol=1e-12)
-                np.testing.assert_allclose(ours.running_var, theirs.running_var.numpy(), rtol=1e-12)
+                np.testing.assert_allclose(host(ours.running_mean), theirs.running_mean.numpy(),
+                                           rtol=1e-12)
+                np.testing.assert_allclose(host(ours.running_var), theirs.running_var.numpy(),
+                                           rtol=1e-12)
                 assert ours.num_batches_tracked == int(theirs.num_batches_tracked)
 
 
@@ -81,14 +86,14 @@ def test_state_dict_checks_everything_first():
     assert "weight" not in fbn.BatchNorm(3, affine=False).state_dict()
 
 
-def test_bad_input_changes_nothing():
-    bn = fbn.BatchNorm(3)
+def test_bad_input_changes_nothing(xp):
+    bn = fbn.BatchNorm(3).to(xp.module)
     with pytest.raises(ValueError, match=r"expected 3 channels along axis=1, got: x.shape"):
-        bn(np.ones((4, 5, 2), np.float32))  # 5 channels for a 3-channel layer
+        bn(xp.asarray(np.ones((4, 5, 2), np.float32)))  # 5 channels for a 3-channel layer
     with pytest.raises(ValueError, match="Expected more than 1 value"):
-        bn(np.ones((1, 3), np.float32))
+        bn(xp.asarray(np.ones((1, 3), np.float32)))
     assert bn.num_batches_tracked == 0
-    np.testing.assert_array_equal(bn.running_mean, 0)
+    np.testing.assert_array_equal(xp.asnumpy(bn.running_mean), 0)
     with pytest.raises(RuntimeError, match="forward"):
         fbn.BatchNorm(3).backward(np.ones((2, 3)))
 
@@ -113,21 +118,21 @@ def test_no_running_stats_uses_batch_statistics_in_eval():
     assert bn.running_mean is None and bn.state_dict().keys() == {"weight", "bias"}
 
 
-def test_population_mode_gives_exact_statistics():
-    bn = fbn.BatchNorm(4, dtype=np.float64)
+def test_population_mode_gives_exact_statistics(xp):
+    bn = fbn.BatchNorm(4, dtype=np.float64).to(xp.module)
     data = make_data((999, 4, 3), np.float64, loc=5.0)
-    batches = np.array_split(data, 13)  # uneven
+    batches = [xp.asarray(b) for b in np.array_split(data, 13)]  # uneven
     with bn.population_mode():
         for batch in batches:
             bn(batch)
     d = data.transpose(1, 0, 2).reshape(4, -1)
-    np.testing.assert_allclose(bn.running_mean, d.mean(axis=1), rtol=1e-13)
-    np.testing.assert_allclose(bn.running_var, d.var(axis=1, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(xp.asnumpy(bn.running_mean), d.mean(axis=1), rtol=1e-13)
+    np.testing.assert_allclose(xp.asnumpy(bn.running_var), d.var(axis=1, ddof=1), rtol=1e-12)
     assert bn.num_batches_tracked == 0
     # a failure inside the block leaves the running statistics alone
-    before = bn.running_var.copy()
+    before = xp.asnumpy(bn.running_var).copy()
     with pytest.raises(ZeroDivisionError):
         with bn.population_mode():
             bn(batches[0] * 100)
             1 / 0
-    np.testing.assert_array_equal(bn.running_var, before)
+    np.testing.assert_array_equal(xp.asnumpy(bn.running_var), before)
