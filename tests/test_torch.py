@@ -23,7 +23,8 @@ def _from_torch(t, axis):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", CASES)
-def test_training_steps_and_eval_match_torch(shape, axis, dtype):
+def test_training_steps_and_eval_match_torch(xp, shape, axis, dtype):
+    B = xp.api
     C = shape[axis]
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=C).astype(dtype), rng.normal(size=C).astype(dtype)
@@ -32,14 +33,14 @@ def test_training_steps_and_eval_match_torch(shape, axis, dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-11)
     for step in range(4):
         x = make_data(shape, dtype, seed=step, loc=step, scale=1 + step)
-        y = fbn.batch_norm(x, rm, rv, w, b, training=True, momentum=0.2, eps=1e-3, axis=axis)
+        y = B.batch_norm(x, rm, rv, w, b, training=True, momentum=0.2, eps=1e-3, axis=axis)
         ty = F.batch_norm(_to_torch(x, axis), trm, trv, torch.from_numpy(w), torch.from_numpy(b),
                           training=True, momentum=0.2, eps=1e-3)
         np.testing.assert_allclose(y, _from_torch(ty, axis), **tol)
         np.testing.assert_allclose(rm, trm.numpy(), **tol)
         np.testing.assert_allclose(rv, trv.numpy(), **tol)
     x = make_data(shape, dtype, seed=9)
-    y = fbn.batch_norm(x, rm, rv, w, b, training=False, eps=1e-3, axis=axis)
+    y = B.batch_norm(x, rm, rv, w, b, training=False, eps=1e-3, axis=axis)
     ty = F.batch_norm(_to_torch(x, axis), trm, trv, torch.from_numpy(w), torch.from_numpy(b),
                       training=False, eps=1e-3)
     np.testing.assert_allclose(y, _from_torch(ty, axis), **tol)
@@ -47,7 +48,8 @@ def test_training_steps_and_eval_match_torch(shape, axis, dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis", CASES)
-def test_backward_matches_autograd(shape, axis, dtype):
+def test_backward_matches_autograd(xp, shape, axis, dtype):
+    B = xp.api
     C = shape[axis]
     rng = np.random.default_rng(1)
     x = make_data(shape, dtype, seed=2, loc=1.0)
@@ -58,8 +60,8 @@ def test_backward_matches_autograd(shape, axis, dtype):
     tb = torch.from_numpy(b).clone().requires_grad_(True)
     ty = F.batch_norm(tx, None, None, tw, tb, training=True, eps=1e-5)
     ty.backward(_to_torch(dy, axis))
-    y, mean, invstd = fbn.batch_norm_forward(x, w, b, eps=1e-5, axis=axis)
-    dx, dw, db = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    y, mean, invstd = B.batch_norm_forward(x, w, b, eps=1e-5, axis=axis)
+    dx, dw, db = B.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-11)
     np.testing.assert_allclose(y, _from_torch(ty, axis), **tol)
     np.testing.assert_allclose(dx, _from_torch(tx.grad, axis), **tol)
@@ -68,7 +70,8 @@ def test_backward_matches_autograd(shape, axis, dtype):
 
 
 @pytest.mark.parametrize("shape,axis", CASES)
-def test_frozen_backward_matches_autograd_in_eval_mode(shape, axis):
+def test_frozen_backward_matches_autograd_in_eval_mode(xp, shape, axis):
+    B = xp.api
     C = shape[axis]
     rng = np.random.default_rng(5)
     x = make_data(shape, np.float64, seed=6)
@@ -81,7 +84,7 @@ def test_frozen_backward_matches_autograd_in_eval_mode(shape, axis):
     ty = F.batch_norm(tx, torch.from_numpy(rm), torch.from_numpy(rv), tw, tb, training=False, eps=1e-5)
     ty.backward(_to_torch(dy, axis))
     invstd = 1 / np.sqrt(rv + 1e-5)
-    dx, dw, db = fbn.batch_norm_backward(dy, x, rm, invstd, w, training=False, axis=axis)
+    dx, dw, db = B.batch_norm_backward(dy, x, rm, invstd, w, training=False, axis=axis)
     np.testing.assert_allclose(dx, _from_torch(tx.grad, axis), rtol=1e-11, atol=1e-12)
     np.testing.assert_allclose(dw, tw.grad.numpy(), rtol=1e-10, atol=1e-11)
     np.testing.assert_allclose(db, tb.grad.numpy(), rtol=1e-10, atol=1e-11)
