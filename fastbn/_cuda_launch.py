@@ -12,7 +12,7 @@ Every function takes validated (outer, C, inner) views with any element strides.
 """
 import numpy as np
 
-from ._cuda_kernels import THREADS, kernel_name, reduction_splits
+from ._cuda_kernels import THREADS, kernel_name, reduction_splits, uses_channels_last_reduction
 
 NULL = np.uint64(0)
 _MAX_BLOCKS = 65535
@@ -31,23 +31,30 @@ def _blocks(n):
 
 
 def _reduction(xp, x3, part_width, out_width):
-    """Grid of the per-channel reductions: -> (C, inner, m, splits, chunk, partials
-    buffer [C][splits][part_width], result buffer [C][out_width])."""
+    """Grid of the per-channel reductions: -> (channels_last, grid, m, splits, chunk,
+    partials buffer [C][splits][part_width], result buffer [C][out_width])."""
     outer, C, inner = x3.shape
     m = outer * inner
-    splits = reduction_splits(C, m)
+    channels_last = uses_channels_last_reduction(C, inner)
+    splits = reduction_splits(C, m, channels_last)
     chunk = -(-m // splits) if m else 0
+    grid = (-(-C // 32) if channels_last else C, splits, 1)
     part = xp.empty((C, splits, part_width), dtype=np.float64)
     out = xp.empty((C, out_width), dtype=np.float64)
-    return C, inner, m, splits, chunk, part, out
+    return channels_last, grid, m, splits, chunk, part, out
 
 
 def moments(module, xp, x3, eps=0.0):
     """-> (count, mean, m2, var, invstd) with float64 (C,) device arrays."""
-    C, inner, m, splits, chunk, part, out = _reduction(xp, x3, 3, 5)
+    C, inner = x3.shape[1], x3.shape[2]
+    channels_last, grid, m, splits, chunk, part, out = _reduction(xp, x3, 3, 5)
     so, sc, si = _strides(x3)
-    module.get_function(kernel_name("fbn_moments_partial", x3.dtype))(
-        (C, splits, 1), (THREADS, 1, 1), (x3, _i64(inner), so, sc, si, _i64(m), _i64(chunk), part))
+    if channels_last:
+        module.get_function(kernel_name("fbn_moments_partial_cl", x3.dtype))(
+            grid, (THREADS, 1, 1), (x3, _i64(C), so, sc, _i64(m), _i64(chunk), part))
+    else:
+        module.get_function(kernel_name("fbn_moments_partial", x3.dtype))(
+            grid, (THREADS, 1, 1), (x3, _i64(inner), so, sc, si, _i64(m), _i64(chunk), part))
     module.get_function("fbn_moments_finalize")(
         (_blocks(C), 1, 1), (THREADS, 1, 1), (part, _i64(C), _i64(splits), np.float64(eps), out))
     cols = xp.ascontiguousarray(out.T)  # kernels take contiguous (C,) arrays
@@ -76,12 +83,20 @@ def train_forward(module, xp, x3, y3, weight, bias, eps, res3=None, relu=False):
 
 def backward_reduce(module, xp, dy3, x3, mean, y3=None):
     """-> (sum(g), sum(g * (x - mean))), float64 (C,); g = dy masked by y > 0."""
-    C, inner, m, splits, chunk, part, out = _reduction(xp, x3, 2, 2)
+    C, inner = x3.shape[1], x3.shape[2]
+    channels_last, grid, m, splits, chunk, part, out = _reduction(xp, x3, 2, 2)
     ys = _strides(y3) if y3 is not None else [_i64(0)] * 3
-    module.get_function(kernel_name("fbn_backward_partial", x3.dtype))(
-        (C, splits, 1), (THREADS, 1, 1),
-        (dy3, x3, NULL if y3 is None else y3, _i64(inner), *_strides(dy3), *_strides(x3), *ys,
-         _i64(m), _i64(chunk), mean, part))
+    y_arg = NULL if y3 is None else y3
+    if channels_last:
+        module.get_function(kernel_name("fbn_backward_partial_cl", x3.dtype))(
+            grid, (THREADS, 1, 1),
+            (dy3, x3, y_arg, _i64(C), *_strides(dy3)[:2], *_strides(x3)[:2], *ys[:2], _i64(m),
+             _i64(chunk), mean, part))
+    else:
+        module.get_function(kernel_name("fbn_backward_partial", x3.dtype))(
+            grid, (THREADS, 1, 1),
+            (dy3, x3, y_arg, _i64(inner), *_strides(dy3), *_strides(x3), *ys, _i64(m),
+             _i64(chunk), mean, part))
     module.get_function("fbn_backward_finalize")(
         (_blocks(C), 1, 1), (THREADS, 1, 1), (part, _i64(C), _i64(splits), out))
     cols = xp.ascontiguousarray(out.T)

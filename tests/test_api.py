@@ -28,6 +28,8 @@ LAYOUTS = [
     ((3, 2, 40000), 1),
     ((5000, 7), -1),
     ((1, 1, 97), 1),
+    ((4, 3, 37), -1),  # 37 channels-last channels: CUDA's coalesced kernels, 2 warp tiles
+    ((2000, 20), 1),  # 2-D with 20 channels: the same, over 4 splits of rows
 ]
 IDS = [f"{s}-ax{a}" for s, a in LAYOUTS]
 

@@ -33,3 +33,7 @@ def test_splits_depend_on_the_shape_only():
     assert kernels.reduction_splits(64, 100352) == kernels.reduction_splits(64, 100352)
     assert kernels.reduction_splits(1, 10 ** 8) == 2048
     assert kernels.reduction_splits(4096, 10) == 1
+    assert kernels.reduction_splits(64, 10 ** 6, channels_last=True) == 1024  # 2 tiles of 32
+    assert kernels.uses_channels_last_reduction(16, 1)
+    assert not kernels.uses_channels_last_reduction(15, 1)
+    assert not kernels.uses_channels_last_reduction(64, 2)

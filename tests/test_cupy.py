@@ -103,3 +103,32 @@ def test_layer_moved_to_cupy(device):
     assert isinstance(back.running_var, np.ndarray)
     with pytest.raises(TypeError, match="mixed array types"):
         fbn.BatchNorm(3)(dev(x))  # NumPy parameters, device input
+
+
+@pytest.mark.parametrize("shape,axis", [((5, 3, 7), 1), ((13, 40), 1), ((7, 5, 33), -1),
+                                        ((4, 3, 2, 5), 2)])
+def test_grid_stride_loops_and_channels_last_kernels(device, shape, axis, monkeypatch):
+    """Grids of 3 blocks: the elementwise kernels' grid-stride loops step many times
+    (their division-free index stepping carries across inner and channel boundaries);
+    C >= 16 with axis=-1 runs the coalesced channels-last reductions."""
+    from fastbn import _cuda_launch
+    monkeypatch.setattr(_cuda_launch, "_MAX_BLOCKS", 3)
+    x = make_data(shape, np.float64, seed=6)
+    dy = make_data(shape, np.float64, seed=7)
+    r = make_data(shape, np.float64, seed=8)
+    C = shape[axis]
+    w, b = np.linspace(0.5, 1.5, C), np.linspace(-1, 1, C)
+    dev, host = device.to_dev, device.to_host
+    y, mean, invstd = fbn.batch_norm_forward(dev(x), dev(w), dev(b), axis=axis,
+                                             activation="relu", residual=dev(r))
+    ey, emean, einvstd = fbn.batch_norm_forward(x, w, b, axis=axis, activation="relu", residual=r)
+    np.testing.assert_allclose(host(y), ey, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(host(mean), emean, rtol=1e-12, atol=1e-13)
+    dx, dw, db, dres = fbn.batch_norm_backward(dev(dy), dev(x), mean, invstd, dev(w), axis=axis,
+                                               activation="relu", y=y, return_residual_grad=True)
+    edx, edw, edb, edres = fbn.batch_norm_backward(dy, x, emean, einvstd, w, axis=axis,
+                                                   activation="relu", y=ey,
+                                                   return_residual_grad=True)
+    np.testing.assert_allclose(host(dx), edx, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(host(dw), edw, rtol=1e-11, atol=1e-11)
+    np.testing.assert_array_equal(host(dres), edres)

@@ -53,15 +53,13 @@ __device__ __forceinline__ fbn_moments fbn_merge(fbn_moments a, fbn_moments b) {
     double n = a.n + b.n, d = b.mean - a.mean;
     fbn_moments r;
     r.n = n;
-    if (d * 0.0 == 0.0) {
-        r.mean = a.mean + d * (b.n / n);
-        r.m2 = a.m2 + (b.m2 + (d * d) * (a.n * b.n / n));
-    } else {
-        // an Inf or NaN mean: the sum of the means, as a plain sum gives (Inf + finite
-        // = Inf, Inf - Inf = NaN), and M2 NaN -- the CPU core's rule (merge_into)
-        r.mean = a.mean + b.mean;
-        r.m2 = d * 0.0;
-    }
+    // an Inf or NaN mean: the sum of the means, as a plain sum gives (Inf + finite =
+    // Inf, Inf - Inf = NaN), and M2 NaN -- the CPU core's rule (merge_into); selects,
+    // not branches (a branch here made ptxas spill in the finalize kernel)
+    const bool finite = d * 0.0 == 0.0;
+    const double mean = a.mean + d * (b.n / n), m2 = a.m2 + (b.m2 + (d * d) * (a.n * b.n / n));
+    r.mean = finite ? mean : a.mean + b.mean;
+    r.m2 = finite ? m2 : d * 0.0;
     return r;
 }
 
@@ -126,6 +124,36 @@ __device__ void fbn_block_sum2(double& a, double& b) {
     }
 }
 
+// (o, c, i) of the flat element index e = (o*C + c)*inner + i, advanced by a fixed
+// step (the grid-stride) with no 64-bit division per element: c + step_c + carry is
+// below 2*C, so one subtraction carries it.
+struct fbn_index {
+    i64 o, c, i, step_o, step_c, step_i;
+    __device__ __forceinline__ fbn_index(i64 e, i64 step, i64 C, i64 inner) {
+        i64 q = e / inner, sq = step / inner;
+        i = e - q * inner;
+        o = q / C;
+        c = q - o * C;
+        step_i = step - sq * inner;
+        step_o = sq / C;
+        step_c = sq - step_o * C;
+    }
+    __device__ __forceinline__ void advance(i64 C, i64 inner) {
+        i += step_i;
+        i64 carry = 0;
+        if (i >= inner) {
+            i -= inner;
+            carry = 1;
+        }
+        c += step_c + carry;
+        if (c >= C) {
+            c -= C;
+            ++o;
+        }
+        o += step_o;
+    }
+};
+
 // ------------------------------------------------------------------ statistics
 // grid (C, splits): block (c, s) reduces elements [s*chunk, (s+1)*chunk) of channel c;
 // per-thread Welford, then a shuffle/shared-memory Chan tree. part: [C][splits][3].
@@ -149,6 +177,39 @@ fbn_moments_partial(const T* x, i64 inner, i64 so, i64 sc, i64 si, i64 m, i64 ch
     }
     fbn_moments total = fbn_block_merge(acc);
     if (threadIdx.x == 0) {
+        double* p = part + 3 * (c * gridDim.y + s);
+        p[0] = total.n;
+        p[1] = total.mean;
+        p[2] = total.m2;
+    }
+}
+
+// Channels-last (inner == 1, also 2-D input): a warp reads 32 neighbouring channels of
+// one row, coalesced when channels are contiguous. grid (ceil(C/32), splits): thread
+// (lane, row_lane) = (threadIdx.x % 32, threadIdx.x / 32) of block (b, s) reduces channel
+// 32*b + lane over rows s*chunk + row_lane, + FBN_WARPS, ...; the FBN_WARPS row lanes
+// then merge in order through shared memory. part: [C][splits][3] as above.
+template <class T>
+__global__ void __launch_bounds__(FBN_THREADS)
+fbn_moments_partial_cl(const T* x, i64 C, i64 so, i64 sc, i64 m, i64 chunk, double* part) {
+    __shared__ double sh[3][FBN_WARPS][32];
+    const int lane = threadIdx.x & 31, row_lane = threadIdx.x >> 5;
+    const i64 c = (i64)blockIdx.x * 32 + lane, s = blockIdx.y;
+    const i64 begin = s * chunk, end = begin + chunk < m ? begin + chunk : m;
+    fbn_moments acc = {0, 0, 0};
+    if (c < C)
+        for (i64 r = begin + row_lane; r < end; r += FBN_WARPS)
+            fbn_welford_add(acc, (double)fbn_load(x + r * so + c * sc));
+    sh[0][row_lane][lane] = acc.n;
+    sh[1][row_lane][lane] = acc.mean;
+    sh[2][row_lane][lane] = acc.m2;
+    __syncthreads();
+    if (row_lane == 0 && c < C) {
+        fbn_moments total = {0, 0, 0};
+        for (int w = 0; w < FBN_WARPS; ++w) {
+            fbn_moments p = {sh[0][w][lane], sh[1][w][lane], sh[2][w][lane]};
+            total = fbn_merge(total, p);
+        }
         double* p = part + 3 * (c * gridDim.y + s);
         p[0] = total.n;
         p[1] = total.mean;
@@ -185,9 +246,10 @@ fbn_normalize(const T* x, T* y, const T* res, i64 n_total, i64 C, i64 inner,
               i64 sox, i64 scx, i64 six, i64 soy, i64 scy, i64 siy, i64 sor, i64 scr, i64 sir,
               const double* mean, const double* scale, const double* shift, int relu) {
     typedef typename fbn_compute<T>::type CT;
-    for (i64 e = (i64)blockIdx.x * FBN_THREADS + threadIdx.x; e < n_total;
-         e += (i64)gridDim.x * FBN_THREADS) {
-        i64 q = e / inner, i = e - q * inner, o = q / C, c = q - o * C;
+    const i64 step = (i64)gridDim.x * FBN_THREADS;
+    i64 e = (i64)blockIdx.x * FBN_THREADS + threadIdx.x;
+    for (fbn_index k(e, step, C, inner); e < n_total; e += step, k.advance(C, inner)) {
+        const i64 o = k.o, c = k.c, i = k.i;
         double md = mean[c];
         CT mh = (CT)md, ml = (CT)(md - (double)mh);
         CT v = ((fbn_load(x + o * sox + c * scx + i * six) - mh) - ml) * (CT)scale[c] + (CT)shift[c];
@@ -231,6 +293,42 @@ fbn_backward_partial(const T* dy, const T* x, const T* y, i64 inner, i64 sog, i6
     }
 }
 
+// Channels-last backward sums, laid out as fbn_moments_partial_cl. part: [C][splits][2].
+template <class T>
+__global__ void __launch_bounds__(FBN_THREADS)
+fbn_backward_partial_cl(const T* dy, const T* x, const T* y, i64 C, i64 sog, i64 scg, i64 sox,
+                        i64 scx, i64 soy, i64 scy, i64 m, i64 chunk, const double* mean,
+                        double* part) {
+    __shared__ double sh[2][FBN_WARPS][32];
+    const int lane = threadIdx.x & 31, row_lane = threadIdx.x >> 5;
+    const i64 c = (i64)blockIdx.x * 32 + lane, s = blockIdx.y;
+    const i64 begin = s * chunk, end = begin + chunk < m ? begin + chunk : m;
+    double a = 0, b = 0;
+    if (c < C) {
+        const double mu = mean[c];
+        for (i64 r = begin + row_lane; r < end; r += FBN_WARPS) {
+            double g = (double)fbn_load(dy + r * sog + c * scg);
+            if (y && !(fbn_load(y + r * soy + c * scy) > 0)) g = 0;
+            a += g;
+            b += g * ((double)fbn_load(x + r * sox + c * scx) - mu);
+        }
+    }
+    sh[0][row_lane][lane] = a;
+    sh[1][row_lane][lane] = b;
+    __syncthreads();
+    if (row_lane == 0 && c < C) {
+        a = 0;
+        b = 0;
+        for (int w = 0; w < FBN_WARPS; ++w) {
+            a += sh[0][w][lane];
+            b += sh[1][w][lane];
+        }
+        double* p = part + 2 * (c * gridDim.y + s);
+        p[0] = a;
+        p[1] = b;
+    }
+}
+
 // One thread per channel: fold the splits in order. out: [C][2] = sum(g), sum(g*(x-mean)).
 __global__ void __launch_bounds__(FBN_THREADS)
 fbn_backward_finalize(const double* part, i64 C, i64 splits, double* out) {
@@ -254,9 +352,10 @@ fbn_backward_elementwise(const T* dy, const T* x, const T* y, T* dx, T* dres, i6
                          i64 sir, const double* mean, const double* ka, const double* kb,
                          const double* kc) {
     typedef typename fbn_compute<T>::type CT;
-    for (i64 e = (i64)blockIdx.x * FBN_THREADS + threadIdx.x; e < n_total;
-         e += (i64)gridDim.x * FBN_THREADS) {
-        i64 q = e / inner, i = e - q * inner, o = q / C, c = q - o * C;
+    const i64 step = (i64)gridDim.x * FBN_THREADS;
+    i64 e = (i64)blockIdx.x * FBN_THREADS + threadIdx.x;
+    for (fbn_index k(e, step, C, inner); e < n_total; e += step, k.advance(C, inner)) {
+        const i64 o = k.o, c = k.c, i = k.i;
         CT g = fbn_load(dy + o * sog + c * scg + i * sig);
         if (y && !(fbn_load(y + o * soy + c * scy + i * siy) > 0)) g = 0;
         if (dres) fbn_store(dres + o * sor + c * scr + i * sir, g);

@@ -29,8 +29,8 @@ static Launcher launcher(void (*k)(A...)) {
 
 static const std::map<std::string, Launcher>& table() {
     static const std::map<std::string, Launcher> t = {
-        FBN_TYPED(fbn_moments_partial), FBN_TYPED(fbn_normalize), FBN_TYPED(fbn_backward_partial),
-        FBN_TYPED(fbn_backward_elementwise),
+        FBN_TYPED(fbn_moments_partial), FBN_TYPED(fbn_moments_partial_cl), FBN_TYPED(fbn_normalize),
+        FBN_TYPED(fbn_backward_partial), FBN_TYPED(fbn_backward_partial_cl), FBN_TYPED(fbn_backward_elementwise),
         {"fbn_moments_finalize", launcher(&fbn_moments_finalize)},
         {"fbn_backward_finalize", launcher(&fbn_backward_finalize)},
     };

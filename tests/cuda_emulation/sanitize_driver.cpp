@@ -10,7 +10,8 @@
 #include <cstdio>
 #include <random>
 
-static int check(i64 outer, i64 C, i64 inner, i64 splits) {
+// max_blocks < the blocks the elementwise kernels need: their grid-stride loops step
+static int check(i64 outer, i64 C, i64 inner, i64 splits, unsigned max_blocks) {
     i64 m = outer * inner, n = outer * C * inner;
     std::vector<float> x(n), y(n), dy(n), dx(n);
     std::mt19937 rng(7);
@@ -39,6 +40,7 @@ static int check(i64 outer, i64 C, i64 inner, i64 splits) {
         scale[ch] = stats[5 * ch + 4];
     }
     unsigned blocks = (unsigned)((n + FBN_THREADS - 1) / FBN_THREADS);
+    if (blocks > max_blocks) blocks = max_blocks;
     fbn_emu_launch(&fbn_normalize<float>, fbn_dim3{blocks, 1, 1}, block, (const float*)x.data(), y.data(),
                    (const float*)nullptr, n, C, inner, C * inner, inner, (i64)1, C * inner, inner, (i64)1,
                    (i64)0, (i64)0, (i64)0, (const double*)mean.data(), (const double*)scale.data(),
@@ -69,7 +71,51 @@ static int check(i64 outer, i64 C, i64 inner, i64 splits) {
     return bad;
 }
 
+// The channels-last reductions: rows x C contiguous, against plain double loops.
+static int check_channels_last(i64 rows, i64 C, i64 splits) {
+    i64 n = rows * C, chunk = (rows + splits - 1) / splits;
+    std::vector<float> x(n), dy(n);
+    std::mt19937 rng(11);
+    std::normal_distribution<float> dist(-1.0f, 3.0f);
+    for (auto& v : x) v = dist(rng);
+    for (auto& v : dy) v = dist(rng);
+    std::vector<double> part(C * splits * 3), stats(C * 5), bpart(C * splits * 2), sums(C * 2);
+    fbn_dim3 block = {FBN_THREADS, 1, 1}, grid = {(unsigned)((C + 31) / 32), (unsigned)splits, 1};
+    fbn_emu_launch(&fbn_moments_partial_cl<float>, grid, block, (const float*)x.data(), C, C, (i64)1, rows,
+                   chunk, part.data());
+    fbn_emu_launch(&fbn_moments_finalize, fbn_dim3{1, 1, 1}, block, (const double*)part.data(), C, splits,
+                   0.0, stats.data());
+    std::vector<double> mean(C);
+    for (i64 ch = 0; ch < C; ++ch) mean[ch] = stats[5 * ch + 1];
+    fbn_emu_launch(&fbn_backward_partial_cl<float>, grid, block, (const float*)dy.data(), (const float*)x.data(),
+                   (const float*)nullptr, C, C, (i64)1, C, (i64)1, (i64)0, (i64)0, rows, chunk,
+                   (const double*)mean.data(), bpart.data());
+    fbn_emu_launch(&fbn_backward_finalize, fbn_dim3{1, 1, 1}, block, (const double*)bpart.data(), C, splits,
+                   sums.data());
+    int bad = 0;
+    for (i64 ch = 0; ch < C; ++ch) {
+        double s = 0, q = 0, g = 0, gx = 0;
+        for (i64 r = 0; r < rows; ++r) s += x[r * C + ch];
+        double mu = s / rows;
+        for (i64 r = 0; r < rows; ++r) {
+            double d = x[r * C + ch] - mu;
+            q += d * d;
+            g += dy[r * C + ch];
+            gx += dy[r * C + ch] * d;
+        }
+        if (stats[5 * ch] != rows || std::fabs(stats[5 * ch + 1] - mu) > 1e-9 ||
+            std::fabs(stats[5 * ch + 2] / q - 1) > 1e-9)
+            ++bad;
+        if (std::fabs(sums[2 * ch] - g) > 1e-9 * (1 + std::fabs(g)) ||
+            std::fabs(sums[2 * ch + 1] - gx) > 1e-9 * (1 + std::fabs(gx)))
+            ++bad;
+    }
+    std::printf("channels-last rows=%lld C=%lld splits=%lld: %s\n", rows, C, splits, bad ? "FAIL" : "ok");
+    return bad;
+}
+
 int main() {
-    int bad = check(5, 3, 7, 1) + check(1, 2, 9001, 3) + check(37, 4, 1, 2);
+    int bad = check(5, 3, 7, 1, 1000) + check(1, 2, 9001, 3, 5) + check(37, 4, 1, 2, 1000) +
+              check(13, 5, 11, 2, 2) + check_channels_last(301, 40, 3) + check_channels_last(9, 33, 1);
     return bad ? 1 : 0;
 }
