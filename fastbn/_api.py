@@ -11,6 +11,7 @@ import operator
 
 import numpy as np
 
+from ._dispatch import array_namespace as _xp_for
 from ._dispatch import backend_for, backend_name_for, is_cupy_array
 from ._moments import Moments, _var
 
@@ -33,15 +34,6 @@ def _is_float_dtype(dt):
 def _acc_dtype(dt):
     """Dtype of returned statistics/gradients: float64 for float64 data, else float32."""
     return _F64 if dt == _F64 else _F32
-
-
-def _xp_for(a):
-    """The array namespace of `a`: cupy for CuPy arrays (already imported by the user),
-    numpy otherwise."""
-    if is_cupy_array(a):
-        import sys
-        return sys.modules["cupy"]
-    return np
 
 
 def _as_array(a, like=None):

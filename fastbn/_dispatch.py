@@ -112,3 +112,9 @@ def backend_for(*arrays):
     if name == "reference":
         return name, _reference_backend()
     return name, _cpu_backend()
+
+
+def array_namespace(a):
+    """The array namespace of `a`: cupy for CuPy arrays (already imported by the user),
+    numpy otherwise."""
+    return sys.modules["cupy"] if is_cupy_array(a) else np

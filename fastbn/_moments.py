@@ -1,6 +1,8 @@
 """Mergeable per-channel Welford/Chan moments."""
 import numpy as np
 
+from ._dispatch import array_namespace
+
 __all__ = ["Moments", "merge_moments"]
 
 
@@ -99,10 +101,11 @@ class Moments:
             d = other.mean - self.mean
             mean = self.mean + d * (nb / n)
             m2 = self.m2 + (other.m2 + (d * d) * (na * nb / n))
+            # an Inf or NaN mean: as merge_into (a select, so device arrays never sync)
             finite = d * 0.0 == 0.0
-            if not finite.all():  # an Inf or NaN mean: as merge_into
-                mean = np.where(finite, mean, self.mean + other.mean)
-                m2 = np.where(finite, m2, d * 0.0)
+            xp = array_namespace(mean)
+            mean = xp.where(finite, mean, self.mean + other.mean)
+            m2 = xp.where(finite, m2, d * 0.0)
         return Moments(self.count + other.count, mean, m2)
 
 

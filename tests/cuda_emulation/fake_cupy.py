@@ -26,6 +26,7 @@ def _fake_cupy(emulated):
     fake.asfortranarray = lambda a: _dev(np.asfortranarray(a))
     fake.empty_like = lambda a: _dev(np.empty_like(a))
     fake.asnumpy = np.asarray
+    fake.where = lambda cond, a, b: _dev(np.where(cond, a, b))
     fake.empty = lambda shape, dtype=float: _dev(np.empty(shape, dtype))
     fake.zeros = lambda shape, dtype=float: _dev(np.zeros(shape, dtype))
     fake.ones = lambda shape, dtype=float: _dev(np.ones(shape, dtype))
