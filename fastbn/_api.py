@@ -343,7 +343,8 @@ def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, a
     mean, var, invstd = backend.train_forward(x3, y3, w, b, eps, res3, relu)
     _finish(y, tmp)
     if running_mean is not None:
-        _update_running(running_mean, running_var, mean, var, layout.count, momentum)
+        getattr(backend, "update_running", _update_running)(
+            running_mean, running_var, mean, var, layout.count, momentum)
     return y, mean, invstd
 
 

@@ -42,6 +42,20 @@ def _stream(out3):
     return out3.strides[0] == C * out3.itemsize
 
 
+_RUNNING_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def update_running(running_mean, running_var, mean, var, count, momentum):
+    """The PyTorch-convention running-statistics update in place (one compiled loop for
+    float32/float64 statistics: a small call's NumPy update costs ~5 us)."""
+    dt = running_mean.dtype
+    if dt != running_var.dtype or dt not in _RUNNING_DTYPES or np.may_share_memory(
+            running_mean, running_var):
+        from ._api import _update_running
+        return _update_running(running_mean, running_var, mean, var, count, momentum)
+    _bn_cpu.update_running(running_mean, running_var, mean, var, float(count), momentum)
+
+
 def moments(x3):
     """-> (count, mean, m2) with float64 mean and M2 (sum of squared deviations)."""
     C = x3.shape[1]

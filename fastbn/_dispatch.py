@@ -74,6 +74,8 @@ def backend_name_for(*arrays):
 
     None entries are skipped. Mixed array types raise TypeError naming them; a Dask
     array may come with NumPy per-channel parameters."""
+    if all(a is None or type(a) is np.ndarray for a in arrays):  # the common call, fast
+        return _host_backend_name()
     family = None
     first = None
     for a in arrays:
@@ -93,6 +95,11 @@ def backend_name_for(*arrays):
         return "cuda"
     if family == "dask":
         return "dask"
+    return _host_backend_name()
+
+
+def _host_backend_name():
+    """'cpu', or the backend FASTBN_BACKEND forces for NumPy arrays."""
     forced = os.environ.get(_BACKEND_ENV)
     if forced:
         if forced not in _BACKEND_NAMES:

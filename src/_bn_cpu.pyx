@@ -601,3 +601,26 @@ def backward_apply(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray
         _backward_apply(<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads)
     else:
         _backward_apply(<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads)
+
+
+# ------------------------------------------------------------------------ running stats
+
+ctypedef fused running_t:
+    float
+    double
+
+
+def update_running(running_t[:] running_mean, running_t[:] running_var,
+                   const double[::1] mean, const double[::1] var, double count,
+                   double momentum):
+    """running = (1 - momentum) * running + momentum * batch statistic (the unbiased
+    variance), per channel, in the expression order of the NumPy update
+    (fastbn._api._update_running), so the bits agree. Nothing in the loop can fail, so
+    the statistics are never half-updated; the arrays must not overlap."""
+    cdef idx c
+    cdef double keep = 1.0 - momentum, unbias = count / (count - 1)
+    with nogil:
+        for c in range(running_mean.shape[0]):
+            running_mean[c] = <running_t>(keep * <double>running_mean[c] + momentum * mean[c])
+            running_var[c] = <running_t>(keep * <double>running_var[c]
+                                         + momentum * (var[c] * unbias))
