@@ -13,7 +13,7 @@ speed-ups of fastbn over PyTorch and NumPy, fastbn's 2-thread over 1-thread spee
 the peak memory a fastbn call allocates beyond its outputs (tracemalloc). Writes JSON
 and a bar-chart PNG.
 
-Run:  python benchmarks/compare.py [--threads 2] [--repeats 25] [--quick]
+Run:  python benchmarks/compare.py [--threads 2] [--repeats 25] [--quick] [--only TEXT]
                                    [--json compare.json] [--png compare.png]
 """
 import argparse
@@ -276,6 +276,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=25)
     p.add_argument("--quick", action="store_true", help="the (32,64,56,56) cases only")
+    p.add_argument("--only", default="", help="run the cases whose label contains this")
     p.add_argument("--json", default="compare.json")
     p.add_argument("--png", default="compare.png")
     args = p.parse_args()
@@ -284,7 +285,8 @@ def main():
         torch.set_num_threads(args.threads)
     bw = measure_bandwidth(args.threads)
     rng = np.random.default_rng(0)
-    rows = [run_case(c, args.repeats, rng) for c in default_cases(args.quick)]
+    rows = [run_case(c, args.repeats, rng) for c in default_cases(args.quick)
+            if args.only in c.label]
     report(rows, bw, args.threads)
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": args.threads, "torch": getattr(torch, "__version__", None),
