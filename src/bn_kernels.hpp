@@ -243,6 +243,16 @@ template <class T> FASTBN_INLINE void prefetch_rows(const T* x, idx so, idx rows
         for (idx i = i0; i < i1; i += step) __builtin_prefetch(x + r * so + i, 0, 3);
 }
 
+// Channels-last row loops: prefetch the row about PREFETCH_AHEAD bytes ahead of row r
+// (rows of [r0, r1) with stride sr), so that DRAM streams while rows are computed.
+static const idx PREFETCH_AHEAD = 2048;
+template <class T> FASTBN_INLINE void prefetch_ahead_nlc(const T* base, idx sr, idx C, idx r, idx r1) {
+    if (!base) return;
+    idx row_bytes = C * (idx)sizeof(T);
+    idx ahead = row_bytes >= PREFETCH_AHEAD ? 1 : PREFETCH_AHEAD / row_bytes;
+    if (r + ahead < r1) prefetch_rows(base + (r + ahead) * sr, sr, 1, 0, C);
+}
+
 template <class T> FASTBN_INLINE Moments chunk_moments_nc_impl(const T* xc, idx so, Span s) {
     Moments m = {0, 0, 0};
     idx len = s.i1 - s.i0;
@@ -642,6 +652,10 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
     for (idx r = r0; r < r1; r += g.block_rows) {
         idx nb_rows = r + g.block_rows < r1 ? g.block_rows : r1 - r;
         double nb = (double)nb_rows;
+        // the next block on its way from memory while this one is reduced (two passes
+        // in L1): the hardware prefetcher alone left the loads waiting on DRAM
+        idx next = r + g.block_rows;
+        if (next < r1) prefetch_rows(x + next * sr, sr, next + g.block_rows < r1 ? g.block_rows : r1 - next, 0, C);
         // four rows per sweep over the channels: a quarter of the loads and stores of
         // the per-channel accumulators, which otherwise bound this loop
         double* __restrict__ bs = bmean;
@@ -742,6 +756,8 @@ template <class T>
 FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1, const void* buf,
                                  Epilogue e) {
     for (idx r = r0; r < r1; ++r) {
+        prefetch_ahead_nlc(x, srx, C, r, r1);
+        prefetch_ahead_nlc((const T*)e.res, e.res_so, C, r, r1);
         const T* xr = x + r * srx;
         const T* rr = e.res ? (const T*)e.res + r * e.res_so : (const T*)0;
         write_row(y + r * sry, C, e.stream, [&](T* out, idx c0, idx m) FASTBN_LAMBDA_INLINE {
@@ -764,6 +780,9 @@ FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, 
     idx r = r0;
     // two rows per sweep over the channels: half the accumulator loads and stores
     for (; r + 2 <= r1; r += 2) {
+        prefetch_ahead_nlc(dy, srdy, C, r + 1, r1);
+        prefetch_ahead_nlc(x, srx, C, r + 1, r1);
+        if (MASK) prefetch_ahead_nlc(y, sry, C, r + 1, r1);
         const T* __restrict__ g0 = dy + r * srdy;
         const T* __restrict__ g1 = g0 + srdy;
         const T* __restrict__ x0 = x + r * srx;
@@ -837,6 +856,9 @@ template <class T>
 FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx srdy, idx srx, idx srdx, idx C,
                                             idx r0, idx r1, const void* buf, bool frozen, Activation act) {
     for (idx r = r0; r < r1; ++r) {
+        prefetch_ahead_nlc(dy, srdy, C, r, r1);
+        if (!frozen) prefetch_ahead_nlc(x, srx, C, r, r1);
+        prefetch_ahead_nlc((const T*)act.y, act.y_so, C, r, r1);
         const T* g = dy + r * srdy;
         const T* xr = x + r * srx;
         const T* y = act.y ? (const T*)act.y + r * act.y_so : (const T*)0;
