@@ -127,6 +127,14 @@ def max_threads():
 
 # ------------------------------------------------------------------------ helpers
 
+cdef inline void _static_block(idx n, int n_threads, int t, idx* lo, idx* hi) noexcept nogil:
+    """Work items [lo, hi) of thread t under schedule='static' (libgomp's split: the
+    first n % n_threads threads take one more)."""
+    cdef idx q = n // n_threads, r = n % n_threads
+    lo[0] = t * q + (t if t < r else r)
+    hi[0] = lo[0] + q + (1 if t < r else 0)
+
+
 cdef inline bint _split_channels(idx C, idx n_chunks, int n_threads) noexcept nogil:
     """Split channels into (channel, chunk) work items when there are too few channels
     to keep every thread busy. Either way the bits are the same."""
@@ -307,7 +315,8 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
     cdef NCGrid g
     cdef NLCGrid gl
     cdef Moments m
-    cdef idx c, k, kk, w
+    cdef idx c, k, kk, w, lo, hi
+    cdef int t
     cdef double count
     with nogil:
         if inner == 1:
@@ -318,11 +327,13 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
                 var[c] = var[c] / count
                 parts[c] = weight[c] * invstd[c]
             prepare_channel_constants(x, C, mean, parts, bias, NULL, consts)
-            # the statistics pass ended at the last rows: walk back so that the rows it
-            # read most recently, still in cache, are normalized first
-            for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
-                kk = gl.n_chunks - 1 - k
-                normalize_nlc(x, y, sox, soy, C, kk * gl.chunk_rows, _rows_end(gl, kk), consts, e)
+            # each thread normalizes the chunks it reduced, walking back: the rows it read
+            # most recently are still in its own cache
+            for t in prange(n_threads, schedule='static', num_threads=n_threads):
+                _static_block(gl.n_chunks, n_threads, t, &lo, &hi)
+                for kk in range(hi - 1, lo - 1, -1):
+                    normalize_nlc(x, y, sox, soy, C, kk * gl.chunk_rows, _rows_end(gl, kk),
+                                  consts, e)
             return
         g = nc_grid(outer, inner)
         if not _split_channels(C, g.n_chunks, n_threads):
@@ -479,15 +490,18 @@ cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.nda
     cdef idx sod = _stride(dx3, 0), scd = _stride(dx3, 1)
     cdef NCGrid g
     cdef NLCGrid gl
-    cdef idx c, k, kk, w
+    cdef idx c, k, kk, w, lo, hi
+    cdef int t
     with nogil:
         if inner == 1:
             gl = nlc_grid(outer, C)
             prepare_channel_constants(x, C, mean, ka, kb, kc, consts)
-            for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
-                kk = gl.n_chunks - 1 - k  # most recently reduced rows first (cache)
-                backward_elementwise_nlc(dy, x, dx, sog, sox, sod, C, kk * gl.chunk_rows,
-                                         _rows_end(gl, kk), consts, frozen, act)
+            # each thread applies the chunks it reduced, most recent first (its cache)
+            for t in prange(n_threads, schedule='static', num_threads=n_threads):
+                _static_block(gl.n_chunks, n_threads, t, &lo, &hi)
+                for kk in range(hi - 1, lo - 1, -1):
+                    backward_elementwise_nlc(dy, x, dx, sog, sox, sod, C, kk * gl.chunk_rows,
+                                             _rows_end(gl, kk), consts, frozen, act)
             return
         g = nc_grid(outer, inner)
         for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
