@@ -237,22 +237,42 @@ def run_case(case, repeats, rng):
             "median_s": med, "extra_bytes": peak_extra_bytes(peers["fastbn"])}
 
 
-def report(rows, bw, threads):
-    head = (f"{'case':44} {'fastbn':>8} {'torch':>8} {'numpy':>8} {'GB/s':>6} {'%bw':>5} "
-            f"{'vs torch':>8} {'vs numpy':>8} {'2t/1t':>6} {'extra MB':>8}")
-    print(head)
+COLUMNS = ("case", "fastbn ms", "torch ms", "numpy ms", "GB/s", "% bw", "vs torch",
+           "vs numpy", "2t/1t", "extra MB")
+
+
+def table_rows(rows, bw):
+    """Per case: the values of COLUMNS, as strings."""
+    out = []
     for r in rows:
         med = r["median_s"]
         f = med["fastbn"]
         gbs = r["ideal_bytes"] / f / 1e9
         ref = bw["read"] if r["op"] == "moments" else bw["copy"]
         t = med.get("torch")
-        print(f"{r['case'][:44]:44} {f * 1e3:8.3f} {t * 1e3 if t else float('nan'):8.3f} "
-              f"{med['numpy'] * 1e3:8.3f} {gbs:6.1f} {100 * gbs / ref:5.0f} "
-              f"{(t / f) if t else float('nan'):8.2f} {med['numpy'] / f:8.1f} "
-              f"{med['fastbn 1 thread'] / f:6.2f} {r['extra_bytes'] / 1e6:8.2f}")
+        out.append((r["case"], f"{f * 1e3:.3f}", f"{t * 1e3:.3f}" if t else "-",
+                    f"{med['numpy'] * 1e3:.3f}", f"{gbs:.1f}", f"{100 * gbs / ref:.0f}",
+                    f"{t / f:.2f}" if t else "-", f"{med['numpy'] / f:.1f}",
+                    f"{med['fastbn 1 thread'] / f:.2f}", f"{r['extra_bytes'] / 1e6:.2f}"))
+    return out
+
+
+def report(rows, bw, threads, markdown=False):
+    body = table_rows(rows, bw)
+    if markdown:
+        print("| " + " | ".join(COLUMNS) + " |")
+        print("|" + "---|" * len(COLUMNS))
+        for cells in body:
+            print("| " + " | ".join(cells) + " |")
+    else:
+        widths = [44] + [9] * (len(COLUMNS) - 1)
+        print(" ".join(f"{c[:w]:>{w}}" if i else f"{c[:w]:{w}}"
+                       for i, (c, w) in enumerate(zip(COLUMNS, widths))))
+        for cells in body:
+            print(" ".join(f"{c[:w]:>{w}}" if i else f"{c[:w]:{w}}"
+                           for i, (c, w) in enumerate(zip(cells, widths))))
     print(f"(ms per call, medians; {threads} threads; bandwidth: copy {bw['copy']:.1f} GB/s, "
-          f"read {bw['read']:.1f} GB/s; %bw against copy, moments against read)")
+          f"read {bw['read']:.1f} GB/s; % bw against copy, moments against read)")
 
 
 def plot(rows, path):
@@ -279,9 +299,17 @@ def main():
     p.add_argument("--repeats", type=int, default=25)
     p.add_argument("--quick", action="store_true", help="the (32,64,56,56) cases only")
     p.add_argument("--only", default="", help="run the cases whose label contains this")
+    p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    p.add_argument("--from-json", help="print the table of an earlier run's JSON, run nothing")
     p.add_argument("--json", default="compare.json")
     p.add_argument("--png", default="compare.png")
     args = p.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        meta = saved["meta"]
+        report(saved["rows"], meta["bandwidth_gbs"], meta["threads"], args.markdown)
+        return
     fbn.set_num_threads(args.threads)
     if torch is not None:
         torch.set_num_threads(args.threads)
@@ -289,7 +317,7 @@ def main():
     rng = np.random.default_rng(0)
     rows = [run_case(c, args.repeats, rng) for c in default_cases(args.quick)
             if args.only in c.label]
-    report(rows, bw, args.threads)
+    report(rows, bw, args.threads, args.markdown)
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": args.threads, "torch": getattr(torch, "__version__", None),
             "numpy": np.__version__, "fastbn": fbn.__version__, "bandwidth_gbs": bw,
