@@ -20,10 +20,13 @@ name = "cpu"
 _PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
-# Outputs at least this large are written with non-temporal (streaming) stores: they are
-# unlikely to be read again while still cached, and streaming saves the read that an
-# ordinary store of a missing cache line costs.
-_STREAM_MIN_BYTES = 8 << 20
+# Outputs at least this large are written with non-temporal (streaming) stores: larger
+# than a typical last-level cache, they cannot stay cached for their next reader, and
+# streaming saves the read that an ordinary store of a missing cache line costs.
+# Smaller outputs use ordinary stores: the next layer reads them from cache, and a
+# destination buffer the allocator hands back is often cached already (measured with
+# benchmarks/compare.py: 12.8 MB outputs took 0.5-0.8x the time with ordinary stores).
+_STREAM_MIN_BYTES = 32 << 20
 
 
 def _threads(a):
