@@ -27,9 +27,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
 #define FASTBN_HAVE_STREAM 1
+#if defined(__GNUC__) || defined(__clang__)
+#include <immintrin.h>
+#define FASTBN_HAVE_F16C 1
+#endif
 #else
 #define FASTBN_HAVE_STREAM 0
 #endif
@@ -95,6 +100,58 @@ FASTBN_INLINE uint16_t float_to_half(float v) {
     uint32_t o = u >= f16_max ? inf_nan : (u < (113u << 23) ? denormal : normal);
     return (uint16_t)(o | (sign >> 16));
 }
+
+// float16 a piece at a time. Where the CPU has F16C (every x86-64-v3/v4 machine) pieces
+// of float16 data are converted with vcvtph2ps / vcvtps2ph and the float code runs on
+// them: the branch-free conversions above cost more than the arithmetic and made the
+// float16 passes compute-bound. The hardware conversions are exact / round to nearest
+// even as the functions above are, so the results are the same bits (NaN payloads
+// aside). Pieces of HALF_PIECE elements, a multiple of LANES, keep each element's
+// accumulator lane.
+static const idx HALF_PIECE = 512;
+
+inline void half_to_float_plain(const half* s, float* d, idx n) {
+    for (idx i = 0; i < n; ++i) d[i] = half_to_float(s[i].bits);
+}
+inline void float_to_half_plain(const float* s, half* d, idx n) {
+    for (idx i = 0; i < n; ++i) d[i].bits = float_to_half(s[i]);
+}
+#if FASTBN_HAVE_F16C
+__attribute__((target("avx2,f16c"))) inline void half_to_float_f16c(const half* s, float* d, idx n) {
+    idx i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i))));
+    for (; i < n; ++i) d[i] = half_to_float(s[i].bits);
+}
+__attribute__((target("avx2,f16c"))) inline void float_to_half_f16c(const float* s, half* d, idx n) {
+    idx i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i*)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; ++i) d[i].bits = float_to_half(s[i]);
+}
+#endif
+
+struct HalfConverters {
+    void (*to_float)(const half*, float*, idx);
+    void (*to_half)(const float*, half*, idx);
+};
+
+inline HalfConverters pick_half_converters() {
+#if FASTBN_HAVE_F16C
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"))
+        return HalfConverters{half_to_float_f16c, float_to_half_f16c};
+#endif
+    return HalfConverters{half_to_float_plain, float_to_half_plain};
+}
+
+// chosen once (thread-safe static initialization)
+inline const HalfConverters& half_converters() {
+    static const HalfConverters converters = pick_half_converters();
+    return converters;
+}
+
+template <class T> FASTBN_INLINE constexpr bool is_half() { return std::is_same<T, half>::value; }
 
 // Compute type of the elementwise passes: double for double data, float otherwise.
 template <class T> struct compute_of { typedef float type; };
@@ -169,6 +226,27 @@ template <class T> FASTBN_INLINE void add_sq_dev(const T* p, idx n, double mean,
     for (int j = 0; i + j < n; ++j) {
         double d = to_double(p[i + j]) - mean;
         acc[j] += d * d;
+    }
+}
+
+// float16: through float pieces (same lanes, same order, same bits).
+FASTBN_INLINE void add_sum(const half* p, idx n, double* acc) {
+    alignas(64) float buf[HALF_PIECE];
+    const HalfConverters& cv = half_converters();
+    for (idx i = 0; i < n; i += HALF_PIECE) {
+        idx m = n - i < HALF_PIECE ? n - i : HALF_PIECE;
+        cv.to_float(p + i, buf, m);
+        add_sum<float>(buf, m, acc);
+    }
+}
+
+FASTBN_INLINE void add_sq_dev(const half* p, idx n, double mean, double* acc) {
+    alignas(64) float buf[HALF_PIECE];
+    const HalfConverters& cv = half_converters();
+    for (idx i = 0; i < n; i += HALF_PIECE) {
+        idx m = n - i < HALF_PIECE ? n - i : HALF_PIECE;
+        cv.to_float(p + i, buf, m);
+        add_sq_dev<float>(buf, m, mean, acc);
     }
 }
 
@@ -374,6 +452,8 @@ FASTBN_INLINE void write_row(T* out, idx n, bool stream, const Fill& fill) {
 template <class T> struct Affine {
     typedef typename compute_of<T>::type CT;
     CT mean_hi, mean_lo, scale, shift;
+    template <class U>  // the same constants for another type of one compute type
+    explicit Affine(const Affine<U>& o) : mean_hi(o.mean_hi), mean_lo(o.mean_lo), scale(o.scale), shift(o.shift) {}
     Affine(double mean, double scale_, double shift_) {
         mean_hi = (CT)mean;
         mean_lo = (CT)(mean - (double)mean_hi);
@@ -385,6 +465,19 @@ template <class T> struct Affine {
 template <class T, bool RES, bool RELU>
 FASTBN_INLINE void normalize_row(const T* x, T* y, const T* res, idx i0, idx i1, const Affine<T>& a) {
     typedef typename compute_of<T>::type CT;
+    if constexpr (is_half<T>()) {
+        alignas(64) float xf[HALF_PIECE], yf[HALF_PIECE], rf[RES ? HALF_PIECE : 1];
+        const HalfConverters& cv = half_converters();
+        const Affine<float> af(a);
+        for (idx i = i0; i < i1; i += HALF_PIECE) {
+            idx m = i1 - i < HALF_PIECE ? i1 - i : HALF_PIECE;
+            cv.to_float(x + i, xf, m);
+            if (RES) cv.to_float(res + i, rf, m);
+            normalize_row<float, RES, RELU>(xf, yf, rf, 0, m, af);
+            cv.to_half(yf, y + i, m);
+        }
+        return;
+    }
     for (idx i = i0; i < i1; ++i) {
         CT v = ((to_compute(x[i]) - a.mean_hi) - a.mean_lo) * a.scale + a.shift;
         if (RES) v = v + to_compute(res[i]);
@@ -452,6 +545,23 @@ FASTBN_INLINE double masked_grad(const T* g, const T* y, idx i) {
     return gv;
 }
 
+// Element k of a row goes to lane k % LANES.
+template <class T, bool MASK>
+FASTBN_INLINE void sums_lanes(const T* g, const T* x, const T* y, idx n, double mean, double* a1, double* a2) {
+    idx i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; ++j) {
+            double gv = masked_grad<T, MASK>(g, y, i + j);
+            a1[j] += gv;
+            a2[j] += gv * (to_double(x[i + j]) - mean);
+        }
+    for (int j = 0; i + j < n; ++j) {
+        double gv = masked_grad<T, MASK>(g, y, i + j);
+        a1[j] += gv;
+        a2[j] += gv * (to_double(x[i + j]) - mean);
+    }
+}
+
 template <class T, bool MASK>
 FASTBN_INLINE Sums chunk_sums_span(const T* dyc, const T* xc, const T* yc, idx sody, idx sox, idx soy, Span s,
                                    double mean) {
@@ -462,17 +572,18 @@ FASTBN_INLINE Sums chunk_sums_span(const T* dyc, const T* xc, const T* yc, idx s
         const T* g = dyc + r * sody + s.i0;
         const T* x = xc + r * sox + s.i0;
         const T* y = MASK ? yc + r * soy + s.i0 : (const T*)0;
-        idx i = 0;
-        for (; i + LANES <= n; i += LANES)
-            for (int j = 0; j < LANES; ++j) {
-                double gv = masked_grad<T, MASK>(g, y, i + j);
-                a1[j] += gv;
-                a2[j] += gv * (to_double(x[i + j]) - mean);
+        if constexpr (is_half<T>()) {
+            alignas(64) float gf[HALF_PIECE], xf[HALF_PIECE], yf[MASK ? HALF_PIECE : 1];
+            const HalfConverters& cv = half_converters();
+            for (idx i = 0; i < n; i += HALF_PIECE) {
+                idx m = n - i < HALF_PIECE ? n - i : HALF_PIECE;
+                cv.to_float(g + i, gf, m);
+                cv.to_float(x + i, xf, m);
+                if (MASK) cv.to_float(y + i, yf, m);
+                sums_lanes<float, MASK>(gf, xf, yf, m, mean, a1, a2);
             }
-        for (int j = 0; i + j < n; ++j) {
-            double gv = masked_grad<T, MASK>(g, y, i + j);
-            a1[j] += gv;
-            a2[j] += gv * (to_double(x[i + j]) - mean);
+        } else {
+            sums_lanes<T, MASK>(g, x, y, n, mean, a1, a2);
         }
     }
     Sums out = {lane_total(a1), lane_total(a2)};
@@ -498,6 +609,8 @@ FASTBN_CLONES Sums chunk_sums_nc(const T* dyc, const T* xc, idx sody, idx sox, S
 template <class T> struct BackwardCoef {
     typedef typename compute_of<T>::type CT;
     CT a, b, c, mean_hi, mean_lo;
+    template <class U>  // the same constants for another type of one compute type
+    explicit BackwardCoef(const BackwardCoef<U>& o) : a(o.a), b(o.b), c(o.c), mean_hi(o.mean_hi), mean_lo(o.mean_lo) {}
     BackwardCoef(double a_, double b_, double c_, double mean) {
         a = (CT)a_; b = (CT)b_; c = (CT)c_;
         mean_hi = (CT)mean;
@@ -509,6 +622,22 @@ template <class T, bool MASK, bool DRES, bool FROZEN>
 FASTBN_INLINE void backward_row(const T* g, const T* x, const T* y, T* d, T* dr, idx i0, idx i1,
                                 const BackwardCoef<T>& k) {
     typedef typename compute_of<T>::type CT;
+    if constexpr (is_half<T>()) {
+        alignas(64) float gf[HALF_PIECE], df[HALF_PIECE], xf[FROZEN ? 1 : HALF_PIECE];
+        alignas(64) float yf[MASK ? HALF_PIECE : 1], rf[DRES ? HALF_PIECE : 1];
+        const HalfConverters& cv = half_converters();
+        const BackwardCoef<float> kf(k);
+        for (idx i = i0; i < i1; i += HALF_PIECE) {
+            idx m = i1 - i < HALF_PIECE ? i1 - i : HALF_PIECE;
+            cv.to_float(g + i, gf, m);
+            if (!FROZEN) cv.to_float(x + i, xf, m);
+            if (MASK) cv.to_float(y + i, yf, m);
+            backward_row<float, MASK, DRES, FROZEN>(gf, xf, yf, df, rf, 0, m, kf);
+            cv.to_half(df, d + i, m);
+            if (DRES) cv.to_half(rf, dr + i, m);
+        }
+        return;
+    }
     for (idx i = i0; i < i1; ++i) {
         CT gv = to_compute(g[i]);
         if (MASK) gv = to_compute(y[i]) > 0 ? gv : (CT)0;

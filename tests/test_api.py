@@ -365,17 +365,68 @@ def test_float16_conversions_are_exact_for_every_value(xp):
     """Every float16 bit pattern through the kernels' half <-> float conversions: the
     identity returns the input, and a float32 scale rounds like numpy (nearest even,
     subnormals, overflow to Inf, NaN stays NaN)."""
-    h = np.arange(65536, dtype=np.uint16).view(np.float16).reshape(-1, 1)
-    nan = np.isnan(h)
     zero = xp.asarray(np.zeros(1))
-    y = xp.asnumpy(fbn.normalize(xp.asarray(h), zero, xp.asarray(np.ones(1))))
-    assert np.array_equal(y[~nan], h[~nan]) and np.isnan(y[nan]).all()
-    for scale in (1.0 + 2.0 ** -11, 0.7, 3.1e4, 1e-5):
-        y = xp.asnumpy(fbn.normalize(xp.asarray(h), zero, xp.asarray(np.full(1, scale))))
-        with np.errstate(invalid="ignore", over="ignore"):  # inf * scale, overflow to inf
-            expected = (h.astype(np.float32) * np.float32(scale)).astype(np.float16)
-        assert np.array_equal(y[~nan], expected[~nan]), scale
-        assert np.isnan(y[nan]).all()
+    # (65536, 1): channels-last rows; (1, 1, 65536): one long channel row (F16C pieces
+    # where the CPU has F16C)
+    for h in (np.arange(65536, dtype=np.uint16).view(np.float16).reshape(-1, 1),
+              np.arange(65536, dtype=np.uint16).view(np.float16).reshape(1, 1, -1)):
+        nan = np.isnan(h)
+        y = xp.asnumpy(fbn.normalize(xp.asarray(h), zero, xp.asarray(np.ones(1))))
+        assert np.array_equal(y[~nan], h[~nan]) and np.isnan(y[nan]).all()
+        for scale in (1.0 + 2.0 ** -11, 0.7, 3.1e4, 1e-5):
+            y = xp.asnumpy(fbn.normalize(xp.asarray(h), zero, xp.asarray(np.full(1, scale))))
+            with np.errstate(invalid="ignore", over="ignore"):  # inf * scale, overflow to inf
+                expected = (h.astype(np.float32) * np.float32(scale)).astype(np.float16)
+            assert np.array_equal(y[~nan], expected[~nan]), scale
+            assert np.isnan(y[nan]).all()
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 5, 1300), 1), ((2, 3, 4, 5), 1), ((700, 6), -1),
+                                        ((4, 9, 130), 2), ((3, 2, 40000), 1)])
+def test_float16_is_float32_arithmetic_rounded_once(shape, axis):
+    """float16 data is computed in float32 (statistics in float64) and rounded once: every
+    result equals the float32 computation on the exactly upcast inputs, rounded to
+    float16 by NumPy -- bit for bit, in every layout, whichever float16 conversion the
+    CPU uses (F16C pieces or the branch-free functions)."""
+    h = make_data(shape, np.float16, seed=31, loc=0.3)
+    r = make_data(shape, np.float16, seed=32)
+    g = make_data(shape, np.float16, seed=33, scale=1.0)
+    f = [a.astype(np.float32) for a in (h, r, g)]
+    C = shape[axis]
+    w, b = np.linspace(0.5, 1.5, C), np.linspace(-1, 1, C)
+    rm, rv = np.linspace(-0.2, 0.2, C), np.linspace(0.5, 2, C)
+
+    def run(x, res, dy):
+        y, mean, invstd = fbn.batch_norm_forward(x, w, b, axis=axis, activation="relu",
+                                                 residual=res)
+        y_eval = fbn.batch_norm(x, rm, rv, w, b, axis=axis, residual=res)
+        dx, dw, db, dres = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                                   activation="relu", y=y,
+                                                   return_residual_grad=True)
+        dx_frozen = fbn.batch_norm_backward(dy, x, rm, 1 / np.sqrt(rv + 1e-5), w,
+                                            training=False, axis=axis)[0]
+        return (y, y_eval, dx, dres, dx_frozen), (mean, invstd, dw, db)
+
+    half_data, half_stats = run(*(h, r, g))
+    # the float32 run takes the float16 forward output as its ReLU mask input, as the
+    # float16 run does
+    y32, mean32, invstd32 = fbn.batch_norm_forward(f[0], w, b, axis=axis, activation="relu",
+                                                   residual=f[1])
+    np.testing.assert_array_equal(half_data[0], y32.astype(np.float16))
+    np.testing.assert_array_equal(half_stats[0], mean32)
+    np.testing.assert_array_equal(half_stats[1], invstd32)
+    np.testing.assert_array_equal(
+        half_data[1], fbn.batch_norm(f[0], rm, rv, w, b, axis=axis, residual=f[1]).astype(np.float16))
+    dx32, dw32, db32, dres32 = fbn.batch_norm_backward(
+        f[2], f[0], mean32, invstd32, w, axis=axis, activation="relu",
+        y=half_data[0].astype(np.float32), return_residual_grad=True)
+    np.testing.assert_array_equal(half_data[2], dx32.astype(np.float16))
+    np.testing.assert_array_equal(half_data[3], dres32.astype(np.float16))
+    np.testing.assert_array_equal(half_stats[2], dw32)
+    np.testing.assert_array_equal(half_stats[3], db32)
+    np.testing.assert_array_equal(
+        half_data[4], fbn.batch_norm_backward(f[2], f[0], rm, 1 / np.sqrt(rv + 1e-5), w,
+                                              training=False, axis=axis)[0].astype(np.float16))
 
 
 @pytest.mark.parametrize("shape,axis", [((8, 4, 70001), 1), ((600001, 4), -1)],
