@@ -140,7 +140,7 @@ def _check_running_pair(running_mean, running_var, layout):
 
 
 def _check_real(v, name, low=None):
-    if not isinstance(v, numbers.Real):
+    if type(v) is not float and not isinstance(v, numbers.Real):  # float: skip the ABC check
         raise TypeError(f"{name} must be a real number, got: {name}={v!r}")
     v = float(v)
     if not math.isfinite(v) or (low is not None and v < low):
