@@ -867,10 +867,11 @@ void prepare_channel_constants(const T* /*dtype_tag*/, idx C, const double* mean
 template <class T, bool RES, bool RELU>
 FASTBN_INLINE void normalize_row_nlc(const T* x, T* y, const T* res, idx C, const void* buf, idx c0, idx m) {
     typedef typename compute_of<T>::type CT;
-    const CT* mh = (const CT*)buf + c0;
-    const CT* ml = mh + C;
-    const CT* sc = mh + 2 * C;
-    const CT* sh = mh + 3 * C;
+    // the constants live in a scratch buffer that no data array overlaps
+    const CT* __restrict__ mh = (const CT*)buf + c0;
+    const CT* __restrict__ ml = mh + C;
+    const CT* __restrict__ sc = mh + 2 * C;
+    const CT* __restrict__ sh = mh + 3 * C;
     x += c0;
     if (RES) res += c0;
     for (idx c = 0; c < m; ++c) {
@@ -950,11 +951,12 @@ template <class T, bool MASK, bool DRES, bool FROZEN>
 FASTBN_INLINE void backward_row_nlc(const T* g, const T* x, const T* y, T* d, T* dr, idx C, const void* buf,
                                     idx c0, idx m) {
     typedef typename compute_of<T>::type CT;
-    const CT* mh = (const CT*)buf + c0;
-    const CT* ml = mh + C;
-    const CT* ka = mh + 2 * C;
-    const CT* kb = mh + 3 * C;
-    const CT* kc = mh + 4 * C;
+    // the constants live in a scratch buffer that no data array overlaps
+    const CT* __restrict__ mh = (const CT*)buf + c0;
+    const CT* __restrict__ ml = mh + C;
+    const CT* __restrict__ ka = mh + 2 * C;
+    const CT* __restrict__ kb = mh + 3 * C;
+    const CT* __restrict__ kc = mh + 4 * C;
     g += c0;
     x += c0;
     if (MASK) y += c0;
