@@ -770,6 +770,49 @@ FASTBN_INLINE void merge_all_channels(idx C, double n_acc, double nb, const doub
     }
 }
 
+// float16 block of rows [r, rend) for chunk_moments_nlc: the same sums in the same
+// order (per channel: rows in groups of four, then single rows), on float pieces of
+// HALF_PIECE / 4 channels converted with half_converters().
+FASTBN_INLINE void block_moments_nlc_half(const half* x, idx sr, idx C, idx r, idx rend, double nb,
+                                          double* __restrict__ bs, double* __restrict__ bq) {
+    const idx P = HALF_PIECE / 4;
+    alignas(64) float f[4][HALF_PIECE / 4];
+    const HalfConverters& cv = half_converters();
+    for (idx c0 = 0; c0 < C; c0 += P) {
+        const idx n = C - c0 < P ? C - c0 : P;
+        double* __restrict__ s = bs + c0;
+        double* __restrict__ q = bq + c0;
+        for (idx c = 0; c < n; ++c) s[c] = 0;
+        idx rr = r;
+        for (; rr + 4 <= rend; rr += 4) {
+            for (int k = 0; k < 4; ++k) cv.to_float(x + (rr + k) * sr + c0, f[k], n);
+            for (idx c = 0; c < n; ++c)
+                s[c] += ((double)f[0][c] + (double)f[1][c]) + ((double)f[2][c] + (double)f[3][c]);
+        }
+        for (; rr < rend; ++rr) {
+            cv.to_float(x + rr * sr + c0, f[0], n);
+            for (idx c = 0; c < n; ++c) s[c] += (double)f[0][c];
+        }
+        for (idx c = 0; c < n; ++c) { s[c] = s[c] / nb; q[c] = 0; }
+        for (rr = r; rr + 4 <= rend; rr += 4) {
+            for (int k = 0; k < 4; ++k) cv.to_float(x + (rr + k) * sr + c0, f[k], n);
+            for (idx c = 0; c < n; ++c) {
+                double m = s[c];
+                double d0 = (double)f[0][c] - m, d1 = (double)f[1][c] - m;
+                double d2 = (double)f[2][c] - m, d3 = (double)f[3][c] - m;
+                q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
+        }
+        for (; rr < rend; ++rr) {
+            cv.to_float(x + rr * sr + c0, f[0], n);
+            for (idx c = 0; c < n; ++c) {
+                double d = (double)f[0][c] - s[c];
+                q[c] += d * d;
+            }
+        }
+    }
+}
+
 // Moments of rows [r0, r1) for every channel: per block of rows, the block mean and M2
 // (two passes over the block in L1), merged into (mean, m2) with the block's count.
 // bmean/bm2 are caller-provided scratch of C doubles. Returns the count.
@@ -789,6 +832,12 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
         // the per-channel accumulators, which otherwise bound this loop
         double* __restrict__ bs = bmean;
         double* __restrict__ bq = bm2;
+        if constexpr (is_half<T>()) {
+            block_moments_nlc_half(x, sr, C, r, r + nb_rows, nb, bs, bq);
+            merge_all_channels(C, n_acc, nb, bmean, bm2, mean, m2);
+            n_acc += nb;
+            continue;
+        }
         for (idx c = 0; c < C; ++c) bs[c] = 0;
         idx rr = r, rend = r + nb_rows;
         for (; rr + 4 <= rend; rr += 4) {
@@ -874,6 +923,23 @@ FASTBN_INLINE void normalize_row_nlc(const T* x, T* y, const T* res, idx C, cons
     const CT* __restrict__ sh = mh + 3 * C;
     x += c0;
     if (RES) res += c0;
+    if constexpr (is_half<T>()) {  // float pieces (F16C where present), same arithmetic
+        alignas(64) float xf[HALF_PIECE], yf[HALF_PIECE], rf[RES ? HALF_PIECE : 1];
+        const HalfConverters& cv = half_converters();
+        for (idx i = 0; i < m; i += HALF_PIECE) {
+            idx n = m - i < HALF_PIECE ? m - i : HALF_PIECE;
+            cv.to_float(x + i, xf, n);
+            if (RES) cv.to_float(res + i, rf, n);
+            for (idx c = 0; c < n; ++c) {
+                float v = ((xf[c] - mh[i + c]) - ml[i + c]) * sc[i + c] + sh[i + c];
+                if (RES) v = v + rf[c];
+                if (RELU) v = relu(v);
+                yf[c] = v;
+            }
+            cv.to_half(yf, y + i, n);
+        }
+        return;
+    }
     for (idx c = 0; c < m; ++c) {
         CT v = ((to_compute(x[c]) - mh[c]) - ml[c]) * sc[c] + sh[c];
         if (RES) v = v + to_compute(res[c]);
@@ -903,10 +969,57 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
     if (e.stream) stream_fence();
 }
 
+// float16 rows for sums_rows_nlc: the same sums in the same order (per channel: rows in
+// pairs, then a single row), on float pieces of HALF_PIECE / 2 channels.
+template <bool MASK>
+FASTBN_INLINE void sums_rows_nlc_half(const half* dy, const half* x, const half* y, idx srdy, idx srx, idx sry,
+                                      idx C, idx r0, idx r1, const double* __restrict__ mean,
+                                      double* __restrict__ sdy, double* __restrict__ sxmu) {
+    const idx P = HALF_PIECE / 2;
+    alignas(64) float g[2][HALF_PIECE / 2], xf[2][HALF_PIECE / 2], yf[2][MASK ? HALF_PIECE / 2 : 1];
+    const HalfConverters& cv = half_converters();
+    for (idx c0 = 0; c0 < C; c0 += P) {
+        const idx n = C - c0 < P ? C - c0 : P;
+        idx r = r0;
+        for (; r + 2 <= r1; r += 2) {
+            for (int k = 0; k < 2; ++k) {
+                cv.to_float(dy + (r + k) * srdy + c0, g[k], n);
+                cv.to_float(x + (r + k) * srx + c0, xf[k], n);
+                if (MASK) cv.to_float(y + (r + k) * sry + c0, yf[k], n);
+            }
+            for (idx c = 0; c < n; ++c) {
+                double a = (double)g[0][c], b = (double)g[1][c];
+                if (MASK) {
+                    a = yf[0][c] > 0 ? a : 0.0;
+                    b = yf[1][c] > 0 ? b : 0.0;
+                }
+                double mu = mean[c0 + c];
+                sdy[c0 + c] += a + b;
+                sxmu[c0 + c] += a * ((double)xf[0][c] - mu) + b * ((double)xf[1][c] - mu);
+            }
+        }
+        for (; r < r1; ++r) {
+            cv.to_float(dy + r * srdy + c0, g[0], n);
+            cv.to_float(x + r * srx + c0, xf[0], n);
+            if (MASK) cv.to_float(y + r * sry + c0, yf[0], n);
+            for (idx c = 0; c < n; ++c) {
+                double gv = (double)g[0][c];
+                if (MASK) gv = yf[0][c] > 0 ? gv : 0.0;
+                sdy[c0 + c] += gv;
+                sxmu[c0 + c] += gv * ((double)xf[0][c] - mean[c0 + c]);
+            }
+        }
+    }
+}
+
 template <class T, bool MASK>
 FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, idx srx, idx sry, idx C, idx r0,
                                  idx r1, const double* __restrict__ mean, double* __restrict__ sdy,
                                  double* __restrict__ sxmu) {
+    if constexpr (is_half<T>()) {
+        sums_rows_nlc_half<MASK>(dy, x, y, srdy, srx, sry, C, r0, r1, mean, sdy, sxmu);
+        return;
+    }
     idx r = r0;
     // two rows per sweep over the channels: half the accumulator loads and stores
     for (; r + 2 <= r1; r += 2) {
@@ -961,6 +1074,31 @@ FASTBN_INLINE void backward_row_nlc(const T* g, const T* x, const T* y, T* d, T*
     x += c0;
     if (MASK) y += c0;
     if (DRES) dr += c0;
+    if constexpr (is_half<T>()) {  // float pieces (F16C where present), same arithmetic
+        alignas(64) float gf[HALF_PIECE], df[HALF_PIECE], xf[FROZEN ? 1 : HALF_PIECE];
+        alignas(64) float yf[MASK ? HALF_PIECE : 1];
+        const HalfConverters& cv = half_converters();
+        for (idx i = 0; i < m; i += HALF_PIECE) {
+            idx n = m - i < HALF_PIECE ? m - i : HALF_PIECE;
+            cv.to_float(g + i, gf, n);
+            if (!FROZEN) cv.to_float(x + i, xf, n);
+            if (MASK) cv.to_float(y + i, yf, n);
+            for (idx c = 0; c < n; ++c) {
+                float gv = gf[c];
+                if (MASK) gv = yf[c] > 0 ? gv : 0.0f;
+                gf[c] = gv;
+                if (FROZEN) {
+                    df[c] = gv * ka[i + c];
+                } else {
+                    float xm = (xf[c] - mh[i + c]) - ml[i + c];
+                    df[c] = (gv * ka[i + c] + xm * kb[i + c]) + kc[i + c];
+                }
+            }
+            cv.to_half(df, d + i, n);
+            if (DRES) cv.to_half(gf, dr + i, n);
+        }
+        return;
+    }
     for (idx c = 0; c < m; ++c) {
         CT gv = to_compute(g[c]);
         if (MASK) gv = to_compute(y[c]) > 0 ? gv : (CT)0;
