@@ -13,7 +13,7 @@ import numpy as np
 
 from ._dispatch import array_namespace as _xp_for
 from ._dispatch import backend_for, backend_name_for, is_cupy_array
-from ._moments import Moments, _var
+from ._moments import Moments, _var, update_running
 
 __all__ = ["moments", "welford", "batch_norm", "batch_norm_forward",
            "batch_norm_backward", "normalize", "backward_reduce", "backward_elementwise",
@@ -314,14 +314,6 @@ def moments(x, axis=1, *, ddof=0):
 
 # ------------------------------------------------------------------ forward
 
-def _update_running(running_mean, running_var, mean, var, count, momentum):
-    """In-place PyTorch-convention update, computed first, then written."""
-    new_mean = (1.0 - momentum) * running_mean.astype(_F64) + momentum * mean
-    new_var = (1.0 - momentum) * running_var.astype(_F64) + momentum * (var * (count / (count - 1)))
-    running_mean[...] = new_mean
-    running_var[...] = new_var
-
-
 def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, axis, out,
            activation, residual):
     """Shared body of training-mode batch_norm and batch_norm_forward."""
@@ -343,7 +335,7 @@ def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, a
     mean, var, invstd = backend.train_forward(x3, y3, w, b, eps, res3, relu)
     _finish(y, tmp)
     if running_mean is not None:
-        getattr(backend, "update_running", _update_running)(
+        getattr(backend, "update_running", update_running)(
             running_mean, running_var, mean, var, layout.count, momentum)
     return y, mean, invstd
 

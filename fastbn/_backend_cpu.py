@@ -9,7 +9,7 @@ gradient, i.e. the residual's gradient).
 """
 import numpy as np
 
-from . import _bn_cpu
+from . import _bn_cpu, _moments
 from ._threads import get_num_threads
 
 name = "cpu"
@@ -54,8 +54,7 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
     dt = running_mean.dtype
     if dt != running_var.dtype or dt not in _RUNNING_DTYPES or np.may_share_memory(
             running_mean, running_var):
-        from ._api import _update_running
-        return _update_running(running_mean, running_var, mean, var, count, momentum)
+        return _moments.update_running(running_mean, running_var, mean, var, count, momentum)
     _bn_cpu.update_running(running_mean, running_var, mean, var, float(count), momentum)
 
 

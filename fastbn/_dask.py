@@ -17,6 +17,7 @@ from dask.array.core import _concatenate2
 from dask.utils import deepmap
 
 from . import _api
+from . import _moments
 from ._moments import Moments
 
 # one record per channel: count, mean, M2 (kept together through the reduction)
@@ -168,7 +169,7 @@ def batch_norm(x, running_mean, running_var, weight, bias, training, momentum, e
     if running_mean is not None:  # in-place update: the statistics are needed now
         mean, m2 = da.compute(m.mean, m.m2)
         m = Moments(m.count, mean, m2)
-        _api._update_running(running_mean, running_var, mean, m2 / m.count, m.count, momentum)
+        _moments.update_running(running_mean, running_var, mean, m2 / m.count, m.count, momentum)
     invstd = m.invstd(eps)
     y = normalize(x, m.mean, invstd, w, b, layout, activation, residual)
     if return_stats:

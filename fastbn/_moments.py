@@ -3,7 +3,7 @@ import numpy as np
 
 from ._dispatch import array_namespace
 
-__all__ = ["Moments", "merge_moments"]
+__all__ = ["Moments", "merge_moments"]  # update_running: internal (used by every backend)
 
 
 class Moments:
@@ -137,3 +137,13 @@ def merge_moments(moments):
     for m in it:
         total = total.merge(m)
     return total
+
+
+def update_running(running_mean, running_var, mean, var, count, momentum):
+    """In-place PyTorch-convention running-statistics update in the arrays' namespace,
+    computed first, then written (the CPU backend has a compiled twin with the same
+    expression order and bits)."""
+    new_mean = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+    new_var = (1.0 - momentum) * running_var.astype(np.float64) + momentum * (var * (count / (count - 1)))
+    running_mean[...] = new_mean
+    running_var[...] = new_var

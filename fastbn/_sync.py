@@ -22,6 +22,7 @@ import numpy as np
 
 from . import _api
 from ._api import backward_elementwise, backward_reduce, normalize, welford
+from . import _moments
 from ._moments import Moments
 
 __all__ = ["sync_batch_norm_forward", "sync_batch_norm_backward"]
@@ -137,7 +138,7 @@ def sync_batch_norm_forward(x, weight=None, bias=None, running_mean=None, runnin
     y = normalize(xa, total.mean, invstd, weight, bias, axis=axis, out=out,
                   activation=activation, residual=residual)
     if running_mean is not None:
-        _api._update_running(running_mean, running_var, total.mean, total.m2 / total.count,
+        _moments.update_running(running_mean, running_var, total.mean, total.m2 / total.count,
                              total.count, momentum)
     acc = np.float64 if y.dtype == np.float64 else np.float32
     return y, total.mean.astype(acc), invstd.astype(acc)
