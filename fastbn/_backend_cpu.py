@@ -78,36 +78,8 @@ def train_forward(x3, y3, weight, bias, eps, res3=None, relu=False):
     return mean, var, invstd
 
 
-# Elementwise passes over NC... arrays with fewer inner elements than this per channel
-# run as channels-last over (outer, C*inner) with per-element constants: a row of 49
-# elements (7x7 maps) is too short a loop. Same arithmetic, same bits.
-_SHORT_INNER = 64
-
-
-def _flat_channels(*views):
-    """(outer, C*inner, 1) views of (outer, C, inner) arrays whose (C, inner) part is
-    contiguous, or None."""
-    out = []
-    for v in views:
-        if v is None:
-            out.append(None)
-            continue
-        outer, C, inner = v.shape
-        if v.strides[1] != inner * v.itemsize:
-            return None
-        out.append(np.lib.stride_tricks.as_strided(
-            v, (outer, C * inner, 1), (v.strides[0], v.itemsize, v.itemsize)))
-    return out
-
-
 def normalize(x3, y3, mean, scale, shift, res3=None, relu=False):
     """y3 = relu?((x3 - mean) * scale + shift + res3?), per channel."""
-    inner = x3.shape[2]
-    if 1 < inner < _SHORT_INNER:
-        flat = _flat_channels(x3, y3, res3)
-        if flat is not None:
-            x3, y3, res3 = flat
-            mean, scale, shift = (np.repeat(v, inner) for v in (mean, scale, shift))
     _bn_cpu.normalize(x3, y3, mean, scale, shift, _threads(x3), res3, relu, _stream(y3))
 
 

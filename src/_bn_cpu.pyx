@@ -101,6 +101,8 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
                                       const double* p1, const double* p2, void* buf)
     void normalize_nlc[T](const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1,
                           const void* buf, Epilogue e)
+    void normalize_rows_nc[T](const T* x, T* y, idx sox, idx scx, idx soy, idx scy, idx C,
+                              idx inner, idx w0, idx w1, const void* buf, Epilogue e)
     void chunk_sums_nlc[T](const T* dy, const T* x, idx srdy, idx srx, idx C, idx r0, idx r1,
                            const double* mean, double* sdy, double* sxmu, Activation act)
     void backward_elementwise_nlc[T](const T* dy, const T* x, T* dx, idx srdy, idx srx,
@@ -389,21 +391,20 @@ cdef void _normalize(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
     cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
     cdef idx soy = _stride(y3, 0), scy = _stride(y3, 1)
-    cdef NCGrid g
     cdef NLCGrid gl
-    cdef idx c, k, w
+    cdef idx k, w, n_rows
     with nogil:
+        prepare_channel_constants(x, C, mean, scale, shift, NULL, consts)
         if inner == 1:
             gl = nlc_grid(outer, C)
-            prepare_channel_constants(x, C, mean, scale, shift, NULL, consts)
             for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
                 normalize_nlc(x, y, sox, soy, C, k * gl.chunk_rows, _rows_end(gl, k), consts, e)
             return
         # rows (o, c) in memory order: each thread streams through one contiguous range
-        for w in prange(outer * C, schedule='static', num_threads=n_threads):
-            c = w % C
-            normalize_nc(x + c * scx, y + c * scy, sox, soy, row_span(w // C, inner),
-                         mean[c], scale[c], shift[c], e, c)
+        n_rows = outer * C
+        for w in prange(n_threads, schedule='static', num_threads=n_threads):
+            normalize_rows_nc(x, y, sox, scx, soy, scy, C, inner, n_rows * w // n_threads,
+                              n_rows * (w + 1) // n_threads, consts, e)
 
 
 def normalize(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray mean, cnp.ndarray scale,

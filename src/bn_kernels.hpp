@@ -454,6 +454,8 @@ template <class T> struct Affine {
     CT mean_hi, mean_lo, scale, shift;
     template <class U>  // the same constants for another type of one compute type
     explicit Affine(const Affine<U>& o) : mean_hi(o.mean_hi), mean_lo(o.mean_lo), scale(o.scale), shift(o.shift) {}
+    Affine(CT mean_hi_, CT mean_lo_, CT scale_, CT shift_)
+        : mean_hi(mean_hi_), mean_lo(mean_lo_), scale(scale_), shift(shift_) {}
     Affine(double mean, double scale_, double shift_) {
         mean_hi = (CT)mean;
         mean_lo = (CT)(mean - (double)mean_hi);
@@ -510,6 +512,35 @@ FASTBN_CLONES void normalize_nc(const T* xc, T* yc, idx sox, idx soy, Span s, do
                                 double shift, Epilogue e, idx c) {
     normalize_span_nc(xc, yc, sox, soy, s, Affine<T>(mean, scale, shift), channel_ptr<T>(e.res, c, e.res_sc),
                       e.res_so, e.relu, e.stream);
+    if (e.stream) stream_fence();
+}
+
+// Rows [w0, w1) of the (outer, C) grid of rows of an NC array, in memory order (row w is
+// channel w % C of sample w / C), with constants from prepare_channel_constants(mean,
+// scale, shift): one call per thread, so a short row (7x7 maps) costs no call, division or
+// constant conversion of its own. Same arithmetic as normalize_nc.
+template <class T>
+FASTBN_CLONES void normalize_rows_nc(const T* x, T* y, idx sox, idx scx, idx soy, idx scy, idx C, idx inner,
+                                     idx w0, idx w1, const void* buf, Epilogue e) {
+    typedef typename compute_of<T>::type CT;
+    if (w0 >= w1) return;
+    const CT* mh = (const CT*)buf;
+    idx o = w0 / C, c = w0 % C;
+    for (idx w = w0; w < w1; ++w) {
+        const Affine<T> a(mh[c], mh[C + c], mh[2 * C + c], mh[3 * C + c]);
+        const T* xr = x + o * sox + c * scx;
+        const T* rr = e.res ? (const T*)e.res + o * e.res_so + c * e.res_sc : (const T*)0;
+        write_row(y + o * soy + c * scy, inner, e.stream, [&](T* out, idx i, idx m) FASTBN_LAMBDA_INLINE {
+            if (rr) {
+                if (e.relu) normalize_row<T, true, true>(xr + i, out, rr + i, 0, m, a);
+                else normalize_row<T, true, false>(xr + i, out, rr + i, 0, m, a);
+            } else {
+                if (e.relu) normalize_row<T, false, true>(xr + i, out, 0, 0, m, a);
+                else normalize_row<T, false, false>(xr + i, out, 0, 0, m, a);
+            }
+        });
+        if (++c == C) { c = 0; ++o; }
+    }
     if (e.stream) stream_fence();
 }
 
