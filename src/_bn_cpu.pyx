@@ -74,8 +74,11 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     NLCGrid nlc_grid(idx rows, idx channels)
     void merge_into(Moments& a, double nb, double mb, double m2b)
     double invstd_of(double n, double m2, double eps)
-    void backward_coefficients(Sums t, double invstd, double weight, double m, bint frozen,
-                               double* a, double* b, double* c)
+    void finalize_channels(idx C, const double* count, idx count_step, double eps, double* var,
+                           double* invstd, const double* weight, double* scale)
+    void backward_coefficients_all(idx C, const double* sdy, const double* sxmu,
+                                   const double* invstd, const double* weight, double m,
+                                   bint frozen, double* a, double* b, double* c)
     double merge_chunks_nlc(idx n_chunks, idx C, const double* counts, const double* means,
                             const double* m2s, double* out_mean, double* out_m2)
 
@@ -324,10 +327,7 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
         if inner == 1:
             gl = nlc_grid(outer, C)
             _moments_nlc(x, sox, gl, &count, mean, var, parts, n_threads)
-            for c in range(C):
-                invstd[c] = invstd_of(count, var[c], eps)
-                var[c] = var[c] / count
-                parts[c] = weight[c] * invstd[c]
+            finalize_channels(C, &count, 0, eps, var, invstd, weight, parts)
             prepare_channel_constants(x, C, mean, parts, bias, NULL, consts)
             # each thread normalizes the chunks it reduced, walking back: the rows it read
             # most recently are still in its own cache
@@ -346,10 +346,7 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
                 var[c] = m.m2 / m.n
             return
         _moments_nc(x, sox, scx, g, C, invstd, mean, var, parts, n_threads)
-        for c in range(C):
-            count = invstd[c]
-            invstd[c] = invstd_of(count, var[c], eps)
-            var[c] = var[c] / count
+        finalize_channels(C, invstd, 1, eps, var, invstd, weight, NULL)  # counts are in invstd
         for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
             c = w // g.n_chunks
             normalize_nc(x + c * scx, y + c * scy, sox, soy, nc_chunk(g, w % g.n_chunks),
@@ -536,10 +533,7 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
                 sxmu[c] = t.dy_xmu
         return
     _backward_sums(dy, x, dy3, x3, mean, act, sdy, sxmu, parts, n_threads)
-    for c in range(C):
-        t.dy = sdy[c]
-        t.dy_xmu = sxmu[c]
-        backward_coefficients(t, invstd[c], weight[c], m, frozen, &ka[c], &kb[c], &kc[c])
+    backward_coefficients_all(C, sdy, sxmu, invstd, weight, m, frozen, ka, kb, kc)
     _backward_apply(dy, x, dx, dy3, x3, dx3, mean, ka, kb, kc, frozen, act, consts, n_threads)
 
 
