@@ -433,9 +433,9 @@ def test_float16_is_float32_arithmetic_rounded_once(shape, axis):
 @pytest.mark.parametrize("shape,axis", [((8, 4, 70001), 1), ((600001, 4), -1)],
                          ids=["long-rows", "channels-last"])
 def test_streaming_stores_give_the_same_bits(shape, axis, monkeypatch):
-    """Large outputs are written with non-temporal stores (through an L1 staging
-    buffer; the threshold is lowered here to keep the arrays small); the bits equal the
-    ordinary-store path, edges included (odd sizes, unaligned row starts)."""
+    """Large training/backward outputs are written with non-temporal stores (through an
+    L1 staging buffer; the threshold is set here so that these arrays qualify); the bits
+    equal the ordinary-store path, edges included (odd sizes, unaligned row starts)."""
     from fastbn import _backend_cpu
     monkeypatch.setattr(_backend_cpu, "_STREAM_MIN_BYTES", 8 << 20)
     x = make_data(shape, np.float32, seed=21)
