@@ -331,6 +331,16 @@ template <class T> FASTBN_INLINE void prefetch_ahead_nlc(const T* base, idx sr, 
     if (r + ahead < r1) prefetch_rows(base + (r + ahead) * sr, sr, 1, 0, C);
 }
 
+// The fused per-channel passes read a channel from memory, then re-read it from cache
+// while nothing else is read from memory. Asking for the next channel's rows (into L2)
+// during that second pass keeps memory busy: rows [i0, i1) of row r of `next` (NULL: none).
+template <class T> FASTBN_INLINE void prefetch_next_channel_row(const T* next, idx so, idx r, idx i0, idx i1) {
+    if (!next) return;
+    const idx step = 64 / sizeof(T);
+    const T* p = next + r * so;
+    for (idx i = i0; i < i1; i += step) __builtin_prefetch(p + i, 0, 3);
+}
+
 template <class T> FASTBN_INLINE Moments chunk_moments_nc_impl(const T* xc, idx so, Span s) {
     Moments m = {0, 0, 0};
     idx len = s.i1 - s.i0;
@@ -563,7 +573,8 @@ FASTBN_CLONES void normalize_rows_nc(const T* x, T* y, idx sox, idx scx, idx soy
 // memory), then normalize it while it is still in cache. Returns the moments.
 template <class T>
 FASTBN_CLONES Moments train_forward_channel_nc(const T* xc, T* yc, idx sox, idx soy, NCGrid g, double weight,
-                                               double bias, double eps, double* invstd_out, Epilogue e, idx c) {
+                                               double bias, double eps, double* invstd_out, Epilogue e, idx c,
+                                               const T* x_next) {
     Moments m = {0, 0, 0};
     for (idx k = 0; k < g.n_chunks; ++k) {
         Moments p = chunk_moments_nc_impl(xc, sox, nc_chunk(g, k));
@@ -573,8 +584,14 @@ FASTBN_CLONES Moments train_forward_channel_nc(const T* xc, T* yc, idx sox, idx 
     *invstd_out = invstd;
     Affine<T> a(m.mean, weight * invstd, bias);
     const T* rc = channel_ptr<T>(e.res, c, e.res_sc);
-    for (idx k = 0; k < g.n_chunks; ++k)
-        normalize_span_nc(xc, yc, sox, soy, nc_chunk(g, k), a, rc, e.res_so, e.relu, e.stream);
+    for (idx k = 0; k < g.n_chunks; ++k) {
+        Span s = nc_chunk(g, k);
+        for (idx r = s.r0; r < s.r1; ++r) {
+            prefetch_next_channel_row(x_next, sox, r, s.i0, s.i1);
+            Span row = {r, r + 1, s.i0, s.i1};
+            normalize_span_nc(xc, yc, sox, soy, row, a, rc, e.res_so, e.relu, e.stream);
+        }
+    }
     if (e.stream) stream_fence();
     return m;
 }
@@ -764,7 +781,7 @@ FASTBN_CLONES void backward_coefficients_all(idx C, const double* sdy, const dou
 template <class T>
 FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx sody, idx sox, idx sodx, NCGrid g,
                                        double mean, double invstd, double weight, bool frozen, Activation act,
-                                       idx c) {
+                                       idx c, const T* dy_next, const T* x_next) {
     Sums t = {0, 0};
     double a, b, cc;
     if (frozen) {
@@ -785,8 +802,15 @@ FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx so
     }
     backward_coefficients(t, invstd, weight, (double)(g.outer * g.inner), false, &a, &b, &cc);
     BackwardCoef<T> k(a, b, cc, mean);
-    for (idx ch = 0; ch < g.n_chunks; ++ch)
-        backward_span_nc(dyc, xc, dxc, sody, sox, sodx, nc_chunk(g, ch), k, false, act, c);
+    for (idx ch = 0; ch < g.n_chunks; ++ch) {
+        Span s = nc_chunk(g, ch);
+        for (idx r = s.r0; r < s.r1; ++r) {
+            prefetch_next_channel_row(dy_next, sody, r, s.i0, s.i1);
+            prefetch_next_channel_row(x_next, sox, r, s.i0, s.i1);
+            Span row = {r, r + 1, s.i0, s.i1};
+            backward_span_nc(dyc, xc, dxc, sody, sox, sodx, row, k, false, act, c);
+        }
+    }
     if (act.stream) stream_fence();
     return t;
 }
