@@ -340,6 +340,13 @@ def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, a
     return y, mean, invstd
 
 
+def _inference_scale(weight, running_var, eps):
+    """weight / sqrt(running_var + eps) for backends without a compiled one (np.sqrt
+    dispatches to CuPy's ufunc on CuPy arrays)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return weight / np.sqrt(running_var + eps)
+
+
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5, *, axis=1, out=None, activation=None,
                residual=None):
@@ -418,8 +425,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     eps = _check_real(eps, "eps", low=0.0)
     x3 = _view3(x, layout)
     y, y3, tmp = _output(out, "out", layout, x.dtype, (x3, res3))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = w / np.sqrt(rv + eps)
+    scale = getattr(backend, "inference_scale", _inference_scale)(w, rv, eps)
     backend.normalize(x3, y3, rm, scale, b, res3, relu)
     return _finish(y, tmp)
 

@@ -59,6 +59,14 @@ def update_running(running_mean, running_var, mean, var, count, momentum):
     _bn_cpu.update_running(running_mean, running_var, mean, var, float(count), momentum)
 
 
+def inference_scale(weight, running_var, eps):
+    """weight / sqrt(running_var + eps), float64 (C,), in one compiled loop."""
+    scale = np.empty(weight.shape[0])
+    if scale.size:
+        _bn_cpu.inference_scale(weight, running_var, eps, scale)
+    return scale
+
+
 def moments(x3):
     """-> (count, mean, m2) with float64 mean and M2 (sum of squared deviations)."""
     C = x3.shape[1]

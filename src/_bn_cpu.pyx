@@ -74,6 +74,8 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     NLCGrid nlc_grid(idx rows, idx channels)
     void merge_into(Moments& a, double nb, double mb, double m2b)
     double invstd_of(double n, double m2, double eps)
+    void inference_scales(idx C, const double* weight, const double* running_var, double eps,
+                         double* scale)
     void finalize_channels(idx C, const double* count, idx count_step, double eps, double* var,
                            double* invstd, const double* weight, double* scale)
     void backward_coefficients_all(idx C, const double* sdy, const double* sxmu,
@@ -636,6 +638,13 @@ def backward_apply(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray
 ctypedef fused running_t:
     float
     double
+
+
+def inference_scale(const double[::1] weight, const double[::1] running_var, double eps,
+                    double[::1] scale):
+    """OUT scale = weight / sqrt(running_var + eps) per channel (NaN/Inf as NumPy's)."""
+    with nogil:
+        inference_scales(weight.shape[0], &weight[0], &running_var[0], eps, &scale[0])
 
 
 def update_running(running_t[:] running_mean, running_t[:] running_var,

@@ -271,6 +271,22 @@ def test_running_stats_update_formula(xp):
                                0.75 * 2.0 + 0.25 * x.var(axis=(0, 2)) * m / (m - 1), rtol=1e-13)
 
 
+def test_inference_scale_is_the_numpy_expression_bit_for_bit():
+    """The CPU backend's compiled weight / sqrt(running_var + eps) (fast twin) against the
+    NumPy expression it replaced (slow twin): same bits, NaN/Inf/negative variance too."""
+    from fastbn import _api, _backend_cpu
+    rng = np.random.default_rng(15)
+    w = rng.standard_normal(1037)
+    rv = rng.standard_normal(1037) ** 3
+    rv[:5] = [0.0, -0.0, np.inf, -1e-5, np.nan]
+    w[5:8] = [np.nan, np.inf, 0.0]
+    for eps in (1e-5, 0.0):
+        fast = _backend_cpu.inference_scale(w, rv, eps)
+        slow = _api._inference_scale(w, rv, eps)
+        np.testing.assert_array_equal(fast.view(np.int64), slow.view(np.int64))
+    assert _backend_cpu.inference_scale(w[:0], rv[:0], 1e-5).shape == (0,)
+
+
 def test_nan_and_inf_poison_only_their_channel(xp):
     h = make_data((8, 4, 5), np.float32, seed=12)
     h[3, 1, 2] = np.nan
