@@ -253,6 +253,16 @@ FASTBN_INLINE void add_sq_dev(const half* p, idx n, double mean, double* acc) {
 // Moments of rows x rows [i0, i1): two passes while the block is in L1.
 template <class T>
 FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0, idx i1) {
+    if constexpr (is_half<T>()) {
+        // float16: the block (at most BLOCK elements) converted once, for both passes;
+        // the same rows and lanes, so the same bits
+        alignas(64) float f[BLOCK];
+        const HalfConverters& cv = half_converters();
+        const idx n = i1 - i0;
+        for (idx r = 0; r < rows; ++r) cv.to_float(x + r * so + i0, f + r * n, n);
+        merge_block<float>(m, f, n, rows, 0, n);
+        return;
+    }
     double acc[LANES] = {};
     for (idx r = 0; r < rows; ++r) add_sum(x + r * so + i0, i1 - i0, acc);
     double count = (double)(rows * (i1 - i0));
