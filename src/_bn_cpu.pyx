@@ -661,5 +661,3 @@ def update_running(running_t[:] running_mean, running_t[:] running_var,
             running_mean[c] = <running_t>(keep * <double>running_mean[c] + momentum * mean[c])
             running_var[c] = <running_t>(keep * <double>running_var[c]
                                          + momentum * (var[c] * unbias))
-
-
