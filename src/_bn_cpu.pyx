@@ -74,6 +74,8 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     NLCGrid nlc_grid(idx rows, idx channels)
     void merge_into(Moments& a, double nb, double mb, double m2b)
     double invstd_of(double n, double m2, double eps)
+    void update_running_all[R](idx C, R* rm, idx sm, R* rv, idx sv, const double* mean,
+                               const double* var, double count, double momentum)
     void inference_scales(idx C, const double* weight, const double* running_var, double eps,
                          double* scale)
     void finalize_channels(idx C, const double* count, idx count_step, double eps, double* var,
@@ -654,10 +656,10 @@ def update_running(running_t[:] running_mean, running_t[:] running_var,
     variance), per channel, in the expression order of the NumPy update
     (fastbn._api._update_running), so the bits agree. Nothing in the loop can fail, so
     the statistics are never half-updated; the arrays must not overlap."""
-    cdef idx c
-    cdef double keep = 1.0 - momentum, unbias = count / (count - 1)
+    cdef idx C = running_mean.shape[0]
+    if C == 0:
+        return
     with nogil:
-        for c in range(running_mean.shape[0]):
-            running_mean[c] = <running_t>(keep * <double>running_mean[c] + momentum * mean[c])
-            running_var[c] = <running_t>(keep * <double>running_var[c]
-                                         + momentum * (var[c] * unbias))
+        update_running_all(C, &running_mean[0], running_mean.strides[0] // sizeof(running_t),
+                           &running_var[0], running_var.strides[0] // sizeof(running_t),
+                           &mean[0], &var[0], count, momentum)

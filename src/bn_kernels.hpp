@@ -782,6 +782,28 @@ FASTBN_CLONES void inference_scales(idx C, const double* weight, const double* r
     for (idx c = 0; c < C; ++c) scale[c] = weight[c] / std::sqrt(running_var[c] + eps);
 }
 
+// running = (1 - momentum) * running + momentum * batch statistic (unbiased variance),
+// in place; running arrays with element strides sm, sv (not overlapping each other or
+// mean/var). A clone of its own so that the contiguous case vectorizes.
+template <class R>
+FASTBN_CLONES void update_running_all(idx C, R* rm, idx sm, R* rv, idx sv, const double* mean, const double* var,
+                                      double count, double momentum) {
+    const double keep = 1.0 - momentum, unbias = count / (count - 1);
+    if (sm == 1 && sv == 1) {
+        R* __restrict__ m = rm;
+        R* __restrict__ v = rv;
+        for (idx c = 0; c < C; ++c) {
+            m[c] = (R)(keep * (double)m[c] + momentum * mean[c]);
+            v[c] = (R)(keep * (double)v[c] + momentum * (var[c] * unbias));
+        }
+        return;
+    }
+    for (idx c = 0; c < C; ++c) {
+        rm[c * sm] = (R)(keep * (double)rm[c * sm] + momentum * mean[c]);
+        rv[c * sv] = (R)(keep * (double)rv[c * sv] + momentum * (var[c] * unbias));
+    }
+}
+
 // backward_coefficients of every channel (a clone of its own, as finalize_channels).
 FASTBN_CLONES void backward_coefficients_all(idx C, const double* sdy, const double* sxmu, const double* invstd,
                                              const double* weight, double m, bool frozen, double* a, double* b,

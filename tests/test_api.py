@@ -287,6 +287,36 @@ def test_inference_scale_is_the_numpy_expression_bit_for_bit():
     assert _backend_cpu.inference_scale(w[:0], rv[:0], 1e-5).shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("view", ["contiguous", "strided", "reversed"])
+def test_compiled_running_update_is_the_numpy_update_bit_for_bit(dtype, view):
+    """The CPU backend's compiled running-statistics update (fast twin) against the
+    NumPy update of fastbn._moments (slow twin), in place through views; elements
+    outside the views untouched."""
+    from fastbn import _backend_cpu, _moments
+    rng = np.random.default_rng(16)
+    C = 1031
+    mean, var = rng.standard_normal(C), rng.random(C) * 3
+    mean[:2], var[2] = [np.nan, np.inf], np.inf
+    base_m = rng.standard_normal(3 * C).astype(dtype)
+    base_v = rng.random(3 * C).astype(dtype)
+
+    def views(bm, bv):
+        if view == "contiguous":
+            return bm[:C], bv[:C]
+        if view == "strided":
+            return bm[::3], bv[1::3]
+        return bm[C - 1::-1], bv[2 * C - 1:C - 1:-1]
+
+    fast_m, fast_v = base_m.copy(), base_v.copy()
+    slow_m, slow_v = base_m.copy(), base_v.copy()
+    _backend_cpu.update_running(*views(fast_m, fast_v), mean, var, 77, 0.3)
+    _moments.update_running(*views(slow_m, slow_v), mean, var, 77, 0.3)
+    np.testing.assert_array_equal(fast_m, slow_m)
+    np.testing.assert_array_equal(fast_v, slow_v)
+    assert not np.array_equal(fast_m, base_m) and not np.array_equal(fast_v, base_v)
+
+
 def test_nan_and_inf_poison_only_their_channel(xp):
     h = make_data((8, 4, 5), np.float32, seed=12)
     h[3, 1, 2] = np.nan
