@@ -870,13 +870,17 @@ inline NLCGrid nlc_grid(idx rows, idx channels) {
     // At most NLC_BLOCK_ELEMENTS (the two passes re-read the block from L2), at least 8.
     // Few rows (a (64, 2048) batch): smaller blocks, so that there are four chunks for
     // the threads where the rows allow it.
+    if (rows == 0 || channels == 0) {  // nothing to walk (and no division by zero)
+        g.block_rows = 8; g.chunk_rows = 8; g.n_chunks = 0;
+        return g;
+    }
     const idx rows_cap = NLC_BLOCK_ELEMENTS / channels;
     idx block_rows = channels <= BLOCK / 64 ? BLOCK / channels : rows_cap >= 64 ? 64 : rows_cap;
     if (block_rows > rows / 4) block_rows = rows / 4;
     g.block_rows = block_rows >= 8 ? block_rows : 8;
     idx per_chunk = channels >= CHUNK ? 1 : CHUNK / channels;
     g.chunk_rows = per_chunk <= g.block_rows ? g.block_rows : (per_chunk / g.block_rows) * g.block_rows;
-    g.n_chunks = (rows == 0 || channels == 0) ? 0 : (rows + g.chunk_rows - 1) / g.chunk_rows;
+    g.n_chunks = (rows + g.chunk_rows - 1) / g.chunk_rows;
     return g;
 }
 

@@ -260,6 +260,26 @@ def test_empty_training_batch_changes_nothing(xp):
     np.testing.assert_array_equal(xp.asnumpy(rv), 4.0)
 
 
+@pytest.mark.parametrize("shape,axis", [((5, 0), -1), ((5, 0), 1), ((5, 0, 3), 1),
+                                        ((5, 3, 0), -1), ((0, 0), -1), ((2, 0, 4, 4), 1)])
+def test_zero_channels_give_empty_results(xp, shape, axis):
+    """Arrays with no channels (C == 0) run every function without a crash (a channels-last
+    grid once divided by the channel count) and give empty results of the right shapes."""
+    x = xp.asarray(np.zeros(shape, np.float32))
+    z, o = xp.asarray(np.zeros(0)), xp.asarray(np.ones(0))
+    rm, rv = xp.asarray(np.zeros(0, np.float32)), xp.asarray(np.ones(0, np.float32))
+    assert fbn.moments(x, axis=axis)[0].shape == (0,)
+    y, mean, invstd = fbn.batch_norm_forward(x, axis=axis)
+    assert y.shape == shape and mean.shape == invstd.shape == (0,)
+    assert fbn.batch_norm(x, rm, rv, training=True, axis=axis).shape == shape
+    assert fbn.batch_norm(x, rm, rv, axis=axis).shape == shape
+    assert fbn.normalize(x, z, o, axis=axis).shape == shape
+    for training in (True, False):
+        dx, dw, db = fbn.batch_norm_backward(x, x, z, o, training=training, axis=axis)
+        assert dx.shape == shape and dw.shape == db.shape == (0,)
+    assert fbn.backward_reduce(x, x, z, o, axis=axis)[0].shape == (0,)
+
+
 def test_running_stats_update_formula(xp):
     x = make_data((10, 3, 4), np.float64, seed=11)
     rm, rv = xp.asarray(np.full(3, 0.5)), xp.asarray(np.full(3, 2.0))
