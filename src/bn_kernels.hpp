@@ -563,17 +563,9 @@ FASTBN_CLONES void normalize_rows_nc(const T* x, T* y, idx sox, idx scx, idx soy
     idx o = w0 / C, c = w0 % C;
     for (idx w = w0; w < w1; ++w) {
         const Affine<T> a(mh[c], mh[C + c], mh[2 * C + c], mh[3 * C + c]);
-        const T* xr = x + o * sox + c * scx;
-        const T* rr = e.res ? (const T*)e.res + o * e.res_so + c * e.res_sc : (const T*)0;
-        write_row(y + o * soy + c * scy, inner, e.stream, [&](T* out, idx i, idx m) FASTBN_LAMBDA_INLINE {
-            if (rr) {
-                if (e.relu) normalize_row<T, true, true>(xr + i, out, rr + i, 0, m, a);
-                else normalize_row<T, true, false>(xr + i, out, rr + i, 0, m, a);
-            } else {
-                if (e.relu) normalize_row<T, false, true>(xr + i, out, 0, 0, m, a);
-                else normalize_row<T, false, false>(xr + i, out, 0, 0, m, a);
-            }
-        });
+        const Span row = {o, o + 1, 0, inner};
+        normalize_span_nc(x + c * scx, y + c * scy, sox, soy, row, a, channel_ptr<T>(e.res, c, e.res_sc),
+                          e.res_so, e.relu, e.stream);
         if (++c == C) { c = 0; ++o; }
     }
     if (e.stream) stream_fence();
