@@ -209,44 +209,29 @@ FASTBN_INLINE double lane_total(const double* acc) {
     return t[0];
 }
 
-template <class T> FASTBN_INLINE void add_sum(const T* p, idx n, double* acc) {
-    idx i = 0;
-    for (; i + LANES <= n; i += LANES)
+// Element k of a row goes to lane k % LANES: the full groups of n (a multiple of LANES)
+// elements, and a tail of n < LANES elements.
+template <class T> FASTBN_INLINE void add_sum_full(const T* p, idx n, double* acc) {
+    for (idx i = 0; i < n; i += LANES)
         for (int j = 0; j < LANES; ++j) acc[j] += to_double(p[i + j]);
-    for (int j = 0; i + j < n; ++j) acc[j] += to_double(p[i + j]);
 }
 
-template <class T> FASTBN_INLINE void add_sq_dev(const T* p, idx n, double mean, double* acc) {
-    idx i = 0;
-    for (; i + LANES <= n; i += LANES)
+template <class T> FASTBN_INLINE void add_sum_tail(const T* p, idx n, double* acc) {
+    for (int j = 0; j < n; ++j) acc[j] += to_double(p[j]);
+}
+
+template <class T> FASTBN_INLINE void add_sq_dev_full(const T* p, idx n, double mean, double* acc) {
+    for (idx i = 0; i < n; i += LANES)
         for (int j = 0; j < LANES; ++j) {
             double d = to_double(p[i + j]) - mean;
             acc[j] += d * d;
         }
-    for (int j = 0; i + j < n; ++j) {
-        double d = to_double(p[i + j]) - mean;
+}
+
+template <class T> FASTBN_INLINE void add_sq_dev_tail(const T* p, idx n, double mean, double* acc) {
+    for (int j = 0; j < n; ++j) {
+        double d = to_double(p[j]) - mean;
         acc[j] += d * d;
-    }
-}
-
-// float16: through float pieces (same lanes, same order, same bits).
-FASTBN_INLINE void add_sum(const half* p, idx n, double* acc) {
-    alignas(64) float buf[HALF_PIECE];
-    const HalfConverters& cv = half_converters();
-    for (idx i = 0; i < n; i += HALF_PIECE) {
-        idx m = n - i < HALF_PIECE ? n - i : HALF_PIECE;
-        cv.to_float(p + i, buf, m);
-        add_sum<float>(buf, m, acc);
-    }
-}
-
-FASTBN_INLINE void add_sq_dev(const half* p, idx n, double mean, double* acc) {
-    alignas(64) float buf[HALF_PIECE];
-    const HalfConverters& cv = half_converters();
-    for (idx i = 0; i < n; i += HALF_PIECE) {
-        idx m = n - i < HALF_PIECE ? n - i : HALF_PIECE;
-        cv.to_float(p + i, buf, m);
-        add_sq_dev<float>(buf, m, mean, acc);
     }
 }
 
@@ -263,12 +248,20 @@ FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0,
         merge_block<float>(m, f, n, rows, 0, n);
         return;
     }
+    // The full LANES-groups of every row first, then the rows' tails: the accumulators
+    // stay in registers across rows (with a tail per row they were stored and reloaded
+    // for every row: (64,64,7,7) statistics 0.44 -> 0.24 ns per element, 1 thread, hot).
+    const idx n = i1 - i0, full = n - n % LANES;
     double acc[LANES] = {};
-    for (idx r = 0; r < rows; ++r) add_sum(x + r * so + i0, i1 - i0, acc);
-    double count = (double)(rows * (i1 - i0));
+    for (idx r = 0; r < rows; ++r) add_sum_full(x + r * so + i0, full, acc);
+    if (full < n)
+        for (idx r = 0; r < rows; ++r) add_sum_tail(x + r * so + i0 + full, n - full, acc);
+    double count = (double)(rows * n);
     double mean = lane_total(acc) / count;
     double acc2[LANES] = {};
-    for (idx r = 0; r < rows; ++r) add_sq_dev(x + r * so + i0, i1 - i0, mean, acc2);
+    for (idx r = 0; r < rows; ++r) add_sq_dev_full(x + r * so + i0, full, mean, acc2);
+    if (full < n)
+        for (idx r = 0; r < rows; ++r) add_sq_dev_tail(x + r * so + i0 + full, n - full, mean, acc2);
     merge_into(m, count, mean, lane_total(acc2));
 }
 
@@ -610,46 +603,93 @@ FASTBN_INLINE double masked_grad(const T* g, const T* y, idx i) {
     return gv;
 }
 
-// Element k of a row goes to lane k % LANES.
+// Element k of a row goes to lane k % LANES: full groups (n a multiple of LANES) ...
 template <class T, bool MASK>
-FASTBN_INLINE void sums_lanes(const T* g, const T* x, const T* y, idx n, double mean, double* a1, double* a2) {
-    idx i = 0;
-    for (; i + LANES <= n; i += LANES)
+FASTBN_INLINE void sums_full(const T* g, const T* x, const T* y, idx n, double mean, double* a1, double* a2) {
+    for (idx i = 0; i < n; i += LANES)
         for (int j = 0; j < LANES; ++j) {
             double gv = masked_grad<T, MASK>(g, y, i + j);
             a1[j] += gv;
             a2[j] += gv * (to_double(x[i + j]) - mean);
         }
-    for (int j = 0; i + j < n; ++j) {
-        double gv = masked_grad<T, MASK>(g, y, i + j);
+}
+
+// ... and a tail of n < LANES elements.
+template <class T, bool MASK>
+FASTBN_INLINE void sums_tail(const T* g, const T* x, const T* y, idx n, double mean, double* a1, double* a2) {
+    for (int j = 0; j < n; ++j) {
+        double gv = masked_grad<T, MASK>(g, y, j);
         a1[j] += gv;
-        a2[j] += gv * (to_double(x[i + j]) - mean);
+        a2[j] += gv * (to_double(x[j]) - mean);
     }
 }
 
+// float16: pieces converted to float, the same lanes and order as float data.
+template <bool MASK, bool FULL>
+FASTBN_INLINE void sums_half(const half* g, const half* x, const half* y, idx n, double mean, double* a1,
+                             double* a2) {
+    alignas(64) float gf[HALF_PIECE], xf[HALF_PIECE], yf[MASK ? HALF_PIECE : 1];
+    const HalfConverters& cv = half_converters();
+    for (idx i = 0; i < n; i += HALF_PIECE) {
+        idx m = n - i < HALF_PIECE ? n - i : HALF_PIECE;
+        cv.to_float(g + i, gf, m);
+        cv.to_float(x + i, xf, m);
+        if (MASK) cv.to_float(y + i, yf, m);
+        if (FULL) sums_full<float, MASK>(gf, xf, yf, m, mean, a1, a2);
+        else sums_tail<float, MASK>(gf, xf, yf, m, mean, a1, a2);
+    }
+}
+
+// Sums over `rows` rows (strides sg, sx, sy) of n elements: the full LANES-groups of
+// every row, then the rows' tails, so that the accumulators stay in registers across
+// short rows (as in merge_block).
+template <class T, bool MASK>
+FASTBN_INLINE void sums_rows(const T* g, const T* x, const T* y, idx sg, idx sx, idx sy, idx rows, idx n,
+                             double mean, double* a1, double* a2) {
+    const idx full = n - n % LANES;
+    for (idx r = 0; r < rows; ++r) {
+        const T* yr = MASK ? y + r * sy : (const T*)0;
+        if constexpr (is_half<T>()) sums_half<MASK, true>(g + r * sg, x + r * sx, yr, full, mean, a1, a2);
+        else sums_full<T, MASK>(g + r * sg, x + r * sx, yr, full, mean, a1, a2);
+    }
+    if (full < n)
+        for (idx r = 0; r < rows; ++r) {
+            const T* yr = MASK ? y + r * sy + full : (const T*)0;
+            if constexpr (is_half<T>())
+                sums_half<MASK, false>(g + r * sg + full, x + r * sx + full, yr, n - full, mean, a1, a2);
+            else sums_tail<T, MASK>(g + r * sg + full, x + r * sx + full, yr, n - full, mean, a1, a2);
+        }
+}
+
+// Rows in blocks of BLOCK elements (one row if longer), each block through sums_rows;
+// float16 blocks are converted to float once, so float16 and float data of the same
+// values give the same bits.
 template <class T, bool MASK>
 FASTBN_INLINE Sums chunk_sums_span(const T* dyc, const T* xc, const T* yc, idx sody, idx sox, idx soy, Span s,
                                    double mean) {
     double a1[LANES] = {};
     double a2[LANES] = {};
-    idx n = s.i1 - s.i0;
-    for (idx r = s.r0; r < s.r1; ++r) {
+    const idx n = s.i1 - s.i0;
+    const idx block_rows = n >= BLOCK ? 1 : BLOCK / n;
+    for (idx r = s.r0; r < s.r1; r += block_rows) {
+        const idx rows = s.r1 - r < block_rows ? s.r1 - r : block_rows;
         const T* g = dyc + r * sody + s.i0;
         const T* x = xc + r * sox + s.i0;
         const T* y = MASK ? yc + r * soy + s.i0 : (const T*)0;
         if constexpr (is_half<T>()) {
-            alignas(64) float gf[HALF_PIECE], xf[HALF_PIECE], yf[MASK ? HALF_PIECE : 1];
-            const HalfConverters& cv = half_converters();
-            for (idx i = 0; i < n; i += HALF_PIECE) {
-                idx m = n - i < HALF_PIECE ? n - i : HALF_PIECE;
-                cv.to_float(g + i, gf, m);
-                cv.to_float(x + i, xf, m);
-                if (MASK) cv.to_float(y + i, yf, m);
-                sums_lanes<float, MASK>(gf, xf, yf, m, mean, a1, a2);
+            if (n < BLOCK) {
+                alignas(64) float gf[BLOCK], xf[BLOCK], yf[MASK ? BLOCK : 1];
+                const HalfConverters& cv = half_converters();
+                for (idx k = 0; k < rows; ++k) {
+                    cv.to_float(g + k * sody, gf + k * n, n);
+                    cv.to_float(x + k * sox, xf + k * n, n);
+                    if (MASK) cv.to_float(y + k * soy, yf + k * n, n);
+                }
+                sums_rows<float, MASK>(gf, xf, yf, n, n, n, rows, n, mean, a1, a2);
+                continue;
             }
-        } else {
-            sums_lanes<T, MASK>(g, x, y, n, mean, a1, a2);
         }
+        sums_rows<T, MASK>(g, x, y, sody, sox, soy, rows, n, mean, a1, a2);
     }
     Sums out = {lane_total(a1), lane_total(a2)};
     return out;

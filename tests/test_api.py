@@ -449,7 +449,7 @@ def test_float16_conversions_are_exact_for_every_value(xp):
 
 @pytest.mark.parametrize("shape,axis", [((3, 5, 1300), 1), ((2, 3, 4, 5), 1), ((700, 6), -1),
                                         ((4, 9, 130), 2), ((3, 2, 40000), 1), ((9, 7, 300), -1),
-                                        ((41, 600), 1), ((3, 2000, 5), 1)])
+                                        ((41, 600), 1), ((3, 2000, 5), 1), ((40, 3, 10, 10), 1)])
 def test_float16_is_float32_arithmetic_rounded_once(shape, axis):
     """float16 data is computed in float32 (statistics in float64) and rounded once: every
     result equals the float32 computation on the exactly upcast inputs, rounded to
