@@ -11,6 +11,7 @@ import operator
 
 import numpy as np
 
+from ._bn_cpu import SHORT_ROW_MAX as _SHORT_ROW_MAX
 from ._dispatch import array_namespace as _xp_for
 from ._dispatch import backend_for, backend_name_for, is_cupy_array
 from ._moments import Moments, _var, update_running
@@ -78,14 +79,16 @@ class _Layout:
 
 
 def _kernel_ready(v):
-    """Strides the kernels take: unit inner stride (inner > 1) or unit channel stride."""
+    """Strides the CPU kernels take: unit inner stride (inner > 1) or unit channel stride;
+    short rows (walked as channels-last columns) also need the channels side by side."""
     item = v.itemsize
     s0, s1, s2 = v.strides
     if s0 % item or s1 % item or s2 % item:
         return False
-    if v.shape[2] > 1:
-        return s2 == item
-    return v.shape[1] == 1 or s1 == item
+    C, inner = v.shape[1], v.shape[2]
+    if inner > 1:
+        return s2 == item and (inner > _SHORT_ROW_MAX or C == 1 or s1 == inner * item)
+    return C == 1 or s1 == item
 
 
 def _view3(a, layout):

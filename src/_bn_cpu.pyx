@@ -85,6 +85,10 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
                                    bint frozen, double* a, double* b, double* c)
     double merge_chunks_nlc(idx n_chunks, idx C, const double* counts, const double* means,
                             const double* m2s, double* out_mean, double* out_m2)
+    void merge_column_groups(idx C, idx group, double n, const double* col_mean,
+                             const double* col_m2, double* mean, double* m2)
+    void sum_column_groups(idx C, idx group, const double* col, double* out)
+    void expand_to_columns(idx C, idx group, const double* v, double* out)
 
     Moments chunk_moments_nc[T](const T* xc, idx so, Span s)
     Moments channel_moments_nc[T](const T* xc, idx so, NCGrid g)
@@ -166,11 +170,45 @@ cdef cnp.ndarray _scratch(Py_ssize_t n, int slot):
     faults on every call."""
     cdef list bufs = getattr(_scratch_store, "bufs", None)
     if bufs is None:
-        bufs = _scratch_store.bufs = [None, None]
+        bufs = _scratch_store.bufs = [None, None, None]
     cdef cnp.ndarray b = bufs[slot]
     if b is None or b.shape[0] < n:
         b = bufs[slot] = np.empty(max(n, 1), dtype=np.float64)
     return b
+
+
+# NC arrays with rows of at most SHORT_ROW_MAX elements are walked as channels-last rows
+# of C*inner columns (bn_kernels.hpp, "short rows as columns"): per-row work over a few
+# elements cost several times the arithmetic. Measured, 2 threads, float32, 64 channels,
+# 8 MB: rows of 4: training forward 3.1 -> 0.33 ms, backward 5.5 -> 0.55 ms; rows of 16:
+# 1.7 -> 0.4 ms, 1.7 -> 0.64 ms; rows of 32 were mixed and of 64 slower. The Python layer
+# copies views whose channels are not side by side (fastbn._api._kernel_ready), so that a
+# view and its contiguous copy take the same path.
+cdef idx _SHORT_ROW_MAX = 16
+SHORT_ROW_MAX = _SHORT_ROW_MAX
+
+
+cdef idx _fold_group(tuple arrays):
+    """inner when the (outer, C, inner) views (None: absent) have short rows and their
+    channels side by side (channel stride inner), so that a row of C*inner contiguous
+    columns can be walked as a channels-last row; 0 otherwise."""
+    cdef cnp.ndarray a = arrays[0]
+    cdef idx C = a.shape[1], inner = a.shape[2]
+    if inner < 2 or inner > _SHORT_ROW_MAX:
+        return 0
+    for o in arrays:
+        if o is None:
+            continue
+        a = o
+        if _stride(a, 2) != 1 or (C > 1 and _stride(a, 1) != inner):
+            return 0
+    return inner
+
+
+cdef inline double* _ext_ptr(object ext):
+    if ext is None:
+        return NULL
+    return <double*> cnp.PyArray_DATA(ext)
 
 
 cdef inline double* _dptr(cnp.ndarray a):
@@ -228,20 +266,29 @@ cdef void _moments_nlc(const data_t* x, idx sr, NLCGrid g, double* counts, doubl
     counts[0] = merge_chunks_nlc(g.n_chunks, C, parts, pm, pq, mean, m2)
 
 
-cdef idx _moments_work_size(cnp.ndarray x3, int n_threads):
+cdef idx _moments_work_size(cnp.ndarray x3, int n_threads, idx group):
     cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
     cdef NLCGrid gl
-    if inner == 1:
+    if group:
+        C = C * group
+    if inner == 1 or group:
         gl = nlc_grid(outer, C)
         return gl.n_chunks * (1 + 2 * C) + 2 * C * n_threads
     return 3 * C * nc_grid(outer, inner).n_chunks
 
 
 cdef void _moments_any(const data_t* x, cnp.ndarray x3, double* counts, double* mean,
-                       double* m2, double* parts, int n_threads) noexcept:
+                       double* m2, double* parts, double* ext, int n_threads,
+                       idx group) noexcept:
+    # ext: 2*C*group scratch (column moments) when group
     cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
     cdef idx so = _stride(x3, 0), sc = _stride(x3, 1), c
-    if inner == 1:
+    if group:
+        with nogil:
+            _moments_nlc(x, so, nlc_grid(outer, C * group), counts, ext, ext + C * group, parts,
+                         n_threads)
+            merge_column_groups(C, group, counts[0], ext, ext + C * group, mean, m2)
+    elif inner == 1:
         with nogil:
             _moments_nlc(x, so, nlc_grid(outer, C), counts, mean, m2, parts, n_threads)
             for c in range(1, C):
@@ -257,18 +304,20 @@ def moments(cnp.ndarray x3, cnp.ndarray mean, cnp.ndarray m2, int n_threads):
     x3: validated (outer, C, inner) view. mean, m2: preallocated float64 (C,).
     Returns the count (elements per channel)."""
     cdef idx C = x3.shape[1]
+    cdef idx group = _fold_group((x3,))
     cdef cnp.ndarray counts = np.zeros(max(C, 1), dtype=np.float64)
-    cdef cnp.ndarray parts = _scratch(_moments_work_size(x3, n_threads), 0)
+    cdef cnp.ndarray parts = _scratch(_moments_work_size(x3, n_threads, group), 0)
+    cdef double* ext = _ext_ptr(_scratch(2 * C * group, 2) if group else None)
     cdef void* p = cnp.PyArray_DATA(x3)
     cdef int code = _dtype_code(x3)
     if code == 0:
-        _moments_any[float](<const float*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), n_threads)
+        _moments_any[float](<const float*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), ext, n_threads, group)
     elif code == 1:
-        _moments_any[double](<const double*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), n_threads)
+        _moments_any[double](<const double*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), ext, n_threads, group)
     elif code == 2:
-        _moments_any[half](<const half*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), n_threads)
+        _moments_any[half](<const half*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), ext, n_threads, group)
     else:
-        _moments_any[bf16](<const bf16*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), n_threads)
+        _moments_any[bf16](<const bf16*> p, x3, _dptr(counts), _dptr(mean), _dptr(m2), _dptr(parts), ext, n_threads, group)
     return x3.shape[0] * x3.shape[2]
 
 
@@ -331,8 +380,11 @@ cdef inline idx _prefetch_channels_end(idx C, idx inner, size_t itemsize) noexce
 cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
                          const double* weight, const double* bias, double eps,
                          double* mean, double* var, double* invstd, double* parts,
-                         double* consts, Epilogue e, int n_threads) noexcept:
+                         double* consts, double* ext, Epilogue e, int n_threads,
+                         idx group) noexcept:
+    # group: short rows walked as C*group columns; ext: 3*C*group scratch
     cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
+    cdef idx Cf = C * group if group else C
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
     cdef idx soy = _stride(y3, 0), scy = _stride(y3, 1)
     cdef NCGrid g
@@ -343,17 +395,27 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
     cdef double count
     cdef idx pf_end = _prefetch_channels_end(C, inner, sizeof(data_t))
     with nogil:
-        if inner == 1:
-            gl = nlc_grid(outer, C)
-            _moments_nlc(x, sox, gl, &count, mean, var, parts, n_threads)
-            finalize_channels(C, &count, 0, eps, var, invstd, weight, parts)
-            prepare_channel_constants(x, C, mean, parts, bias, NULL, consts)
+        if inner == 1 or group:
+            gl = nlc_grid(outer, Cf)
+            if group:
+                _moments_nlc(x, sox, gl, &count, ext, ext + Cf, parts, n_threads)
+                merge_column_groups(C, group, count, ext, ext + Cf, mean, var)
+                count = count * group
+                finalize_channels(C, &count, 0, eps, var, invstd, weight, parts)
+                expand_to_columns(C, group, mean, ext)
+                expand_to_columns(C, group, parts, ext + Cf)
+                expand_to_columns(C, group, bias, ext + 2 * Cf)
+                prepare_channel_constants(x, Cf, ext, ext + Cf, ext + 2 * Cf, NULL, consts)
+            else:
+                _moments_nlc(x, sox, gl, &count, mean, var, parts, n_threads)
+                finalize_channels(C, &count, 0, eps, var, invstd, weight, parts)
+                prepare_channel_constants(x, C, mean, parts, bias, NULL, consts)
             # each thread normalizes the chunks it reduced, walking back: the rows it read
             # most recently are still in its own cache
             for t in prange(n_threads, schedule='static', num_threads=n_threads):
                 _static_block(gl.n_chunks, n_threads, t, &lo, &hi)
                 for kk in range(hi - 1, lo - 1, -1):
-                    normalize_nlc(x, y, sox, soy, C, kk * gl.chunk_rows, _rows_end(gl, kk),
+                    normalize_nlc(x, y, sox, soy, Cf, kk * gl.chunk_rows, _rows_end(gl, kk),
                                   consts, e)
             return
         g = nc_grid(outer, inner)
@@ -382,35 +444,49 @@ def train_forward(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray weight, cnp.ndarra
     x3, y3 (may be x3 itself), res3: validated (outer, C, inner) views. weight, bias:
     float64 (C,). OUT mean, var (biased), invstd: float64 (C,)."""
     cdef idx C = x3.shape[1]
-    cdef cnp.ndarray parts = _scratch(max(_moments_work_size(x3, n_threads), C), 0)
-    cdef cnp.ndarray consts = _scratch(5 * C, 1)
+    cdef idx group = _fold_group((x3, y3, res3))
+    cdef idx Cf = C * group if group else C
+    cdef cnp.ndarray parts = _scratch(max(_moments_work_size(x3, n_threads, group), C), 0)
+    cdef cnp.ndarray consts = _scratch(5 * Cf, 1)
+    cdef double* ext = _ext_ptr(_scratch(3 * Cf, 2) if group else None)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* py = cnp.PyArray_DATA(y3)
     cdef Epilogue e = _epilogue(res3, relu, stream)
     cdef int code = _dtype_code(x3)
     if code == 0:
         _train_forward(<const float*> px, <float*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), e, n_threads)
+                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), ext, e, n_threads, group)
     elif code == 1:
         _train_forward(<const double*> px, <double*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), e, n_threads)
+                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), ext, e, n_threads, group)
     elif code == 2:
         _train_forward(<const half*> px, <half*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), e, n_threads)
+                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), ext, e, n_threads, group)
     else:
         _train_forward(<const bf16*> px, <bf16*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), e, n_threads)
+                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), ext, e, n_threads, group)
 
 
 cdef void _normalize(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
                      const double* mean, const double* scale, const double* shift,
-                     double* consts, Epilogue e, int n_threads) noexcept:
+                     double* consts, double* ext, Epilogue e, int n_threads,
+                     idx group) noexcept:
+    # group: short rows walked as C*group columns; ext: 3*C*group scratch
     cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
     cdef idx soy = _stride(y3, 0), scy = _stride(y3, 1)
     cdef NLCGrid gl
     cdef idx k, w, n_rows
     with nogil:
+        if group:
+            C = C * group
+            expand_to_columns(x3.shape[1], group, mean, ext)
+            expand_to_columns(x3.shape[1], group, scale, ext + C)
+            expand_to_columns(x3.shape[1], group, shift, ext + 2 * C)
+            mean = ext
+            scale = ext + C
+            shift = ext + 2 * C
+            inner = 1
         prepare_channel_constants(x, C, mean, scale, shift, NULL, consts)
         if inner == 1:
             gl = nlc_grid(outer, C)
@@ -429,30 +505,36 @@ def normalize(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray mean, cnp.ndarray scal
               bint stream=False):
     """Elementwise y = relu?((x - mean) * scale + shift + res?) with given float64 (C,)
     constants (inference forward: scale = weight/sqrt(running_var + eps))."""
-    cdef idx C = x3.shape[1]
-    cdef cnp.ndarray consts = _scratch(5 * C, 1)
+    cdef idx group = _fold_group((x3, y3, res3))
+    cdef idx Cf = x3.shape[1] * group if group else x3.shape[1]
+    cdef cnp.ndarray consts = _scratch(5 * Cf, 1)
+    cdef double* ext = _ext_ptr(_scratch(3 * Cf, 2) if group else None)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* py = cnp.PyArray_DATA(y3)
     cdef Epilogue e = _epilogue(res3, relu, stream)
     cdef int code = _dtype_code(x3)
     if code == 0:
-        _normalize(<const float*> px, <float*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads)
+        _normalize(<const float*> px, <float*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), ext, e, n_threads, group)
     elif code == 1:
-        _normalize(<const double*> px, <double*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads)
+        _normalize(<const double*> px, <double*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), ext, e, n_threads, group)
     elif code == 2:
-        _normalize(<const half*> px, <half*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads)
+        _normalize(<const half*> px, <half*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), ext, e, n_threads, group)
     else:
-        _normalize(<const bf16*> px, <bf16*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads)
+        _normalize(<const bf16*> px, <bf16*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), ext, e, n_threads, group)
 
 
 # --------------------------------------------------------------------- backward
 
 cdef void _backward_sums(const data_t* dy, const data_t* x, cnp.ndarray dy3, cnp.ndarray x3,
                          const double* mean, Activation act, double* sdy, double* sxmu,
-                         double* parts, int n_threads) noexcept:
+                         double* parts, double* ext, int n_threads, idx group) noexcept:
     # OUT sdy = sum(g), sxmu = sum(g * (x - mean)) per channel, chunk partials folded in
-    # chunk order (the same bits as the fused per-channel path)
+    # chunk order (the same bits as the fused per-channel path).
+    # group: short rows walked as C*group columns; ext: 3*C*group scratch
     cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
+    cdef const double* col_mean = mean
+    cdef double* col_sdy = sdy
+    cdef double* col_sxmu = sxmu
     cdef idx sog = _stride(dy3, 0), scg = _stride(dy3, 1)
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
     cdef NCGrid g
@@ -462,22 +544,31 @@ cdef void _backward_sums(const data_t* dy, const data_t* x, cnp.ndarray dy3, cnp
     cdef double* pd
     cdef double* pq
     with nogil:
-        if inner == 1:
+        if group:
+            C = C * group
+            expand_to_columns(dy3.shape[1], group, mean, ext)
+            col_mean = ext
+            col_sdy = ext + C
+            col_sxmu = ext + 2 * C
+        if inner == 1 or group:
             gl = nlc_grid(outer, C)
             n_chunks = gl.n_chunks
             pd = parts
             pq = parts + C * n_chunks
             for k in prange(n_chunks, schedule='static', num_threads=n_threads):
                 chunk_sums_nlc(dy, x, sog, sox, C, k * gl.chunk_rows, _rows_end(gl, k),
-                               mean, pd + k * C, pq + k * C, act)
+                               col_mean, pd + k * C, pq + k * C, act)
             for c in range(C):
                 t.dy = 0
                 t.dy_xmu = 0
                 for k in range(n_chunks):
                     t.dy += pd[k * C + c]
                     t.dy_xmu += pq[k * C + c]
-                sdy[c] = t.dy
-                sxmu[c] = t.dy_xmu
+                col_sdy[c] = t.dy
+                col_sxmu[c] = t.dy_xmu
+            if group:
+                sum_column_groups(dy3.shape[1], group, col_sdy, sdy)
+                sum_column_groups(dy3.shape[1], group, col_sxmu, sxmu)
             return
         g = nc_grid(outer, inner)
         for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
@@ -500,8 +591,9 @@ cdef void _backward_sums(const data_t* dy, const data_t* x, cnp.ndarray dy3, cnp
 cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray dy3,
                           cnp.ndarray x3, cnp.ndarray dx3, const double* mean, double* ka,
                           double* kb, double* kc, bint frozen, Activation act, double* consts,
-                          int n_threads) noexcept:
-    # OUT dx = ka*g + kb*(x - mean) + kc per channel (g = dy, masked by a fused ReLU)
+                          double* ext, int n_threads, idx group) noexcept:
+    # OUT dx = ka*g + kb*(x - mean) + kc per channel (g = dy, masked by a fused ReLU).
+    # group: short rows walked as C*group columns; ext: 4*C*group scratch
     cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
     cdef idx sog = _stride(dy3, 0), scg = _stride(dy3, 1)
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
@@ -511,6 +603,17 @@ cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.nda
     cdef idx c, k, kk, w, lo, hi
     cdef int t
     with nogil:
+        if group:
+            C = C * group
+            expand_to_columns(dy3.shape[1], group, mean, ext)
+            expand_to_columns(dy3.shape[1], group, ka, ext + C)
+            expand_to_columns(dy3.shape[1], group, kb, ext + 2 * C)
+            expand_to_columns(dy3.shape[1], group, kc, ext + 3 * C)
+            mean = ext
+            ka = ext + C
+            kb = ext + 2 * C
+            kc = ext + 3 * C
+            inner = 1
         if inner == 1:
             gl = nlc_grid(outer, C)
             prepare_channel_constants(x, C, mean, ka, kb, kc, consts)
@@ -532,8 +635,12 @@ cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.nda
 cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray dy3,
                     cnp.ndarray x3, cnp.ndarray dx3, const double* mean, const double* invstd,
                     const double* weight, bint frozen, double* sdy, double* sxmu,
-                    double* parts, double* consts, Activation act, int n_threads) noexcept:
+                    double* parts, double* consts, double* ext, Activation act, int n_threads,
+                    idx group) noexcept:
+    # group: short rows walked as C*group columns (not fused: sums, then dx);
+    # consts: 5*C*group + 3*C, ext: 4*C*group scratch
     cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
+    cdef idx Cf = C * group if group else C
     cdef idx sog = _stride(dy3, 0), scg = _stride(dy3, 1)
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
     cdef idx sod = _stride(dx3, 0), scd = _stride(dx3, 1)
@@ -541,11 +648,11 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
     cdef NCGrid g = nc_grid(outer, inner)
     cdef Sums t
     cdef idx c
-    cdef double* ka = consts + 5 * C
+    cdef double* ka = consts + 5 * Cf
     cdef double* kb = ka + C
     cdef double* kc = kb + C
     cdef idx pf_end = _prefetch_channels_end(C, inner, sizeof(data_t))
-    if inner > 1 and not _split_channels(C, g.n_chunks, n_threads):
+    if inner > 1 and not group and not _split_channels(C, g.n_chunks, n_threads):
         with nogil:
             for c in prange(C, schedule='static', num_threads=n_threads):
                 t = backward_channel_nc(dy + c * scg, x + c * scx, dx + c * scd, sog, sox,
@@ -555,13 +662,16 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
                 sdy[c] = t.dy
                 sxmu[c] = t.dy_xmu
         return
-    _backward_sums(dy, x, dy3, x3, mean, act, sdy, sxmu, parts, n_threads)
+    _backward_sums(dy, x, dy3, x3, mean, act, sdy, sxmu, parts, ext, n_threads, group)
     backward_coefficients_all(C, sdy, sxmu, invstd, weight, m, frozen, ka, kb, kc)
-    _backward_apply(dy, x, dx, dy3, x3, dx3, mean, ka, kb, kc, frozen, act, consts, n_threads)
+    _backward_apply(dy, x, dx, dy3, x3, dx3, mean, ka, kb, kc, frozen, act, consts, ext,
+                    n_threads, group)
 
 
-cdef idx _backward_work_size(cnp.ndarray dy3):
+cdef idx _backward_work_size(cnp.ndarray dy3, idx group):
     cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
+    if group:
+        return max(2 * C * group * nlc_grid(outer, C * group).n_chunks, 1)
     if inner == 1:
         return max(2 * C * nlc_grid(outer, C).n_chunks, 1)
     return max(2 * C * nc_grid(outer, inner).n_chunks, 1)
@@ -575,8 +685,11 @@ def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
     frozen: statistics are constants (inference-mode backward, dx = g*weight*invstd).
     y3: forward output of a fused ReLU (g = dy where y > 0, else 0); dres3: OUT g."""
     cdef idx C = x3.shape[1]
-    cdef cnp.ndarray parts = _scratch(_backward_work_size(dy3), 0)
-    cdef cnp.ndarray consts = _scratch(8 * C, 1)
+    cdef idx group = _fold_group((dy3, x3, dx3, y3, dres3))
+    cdef idx Cf = C * group if group else C
+    cdef cnp.ndarray parts = _scratch(_backward_work_size(dy3, group), 0)
+    cdef cnp.ndarray consts = _scratch(5 * Cf + 3 * C, 1)
+    cdef double* ext = _ext_ptr(_scratch(4 * Cf, 2) if group else None)
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* pd = cnp.PyArray_DATA(dx3)
@@ -584,55 +697,59 @@ def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
     cdef int code = _dtype_code(dy3)
     if code == 0:
         _backward(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), act, n_threads)
+                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), ext, act, n_threads, group)
     elif code == 1:
         _backward(<const double*> pg, <const double*> px, <double*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), act, n_threads)
+                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), ext, act, n_threads, group)
     elif code == 2:
         _backward(<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), act, n_threads)
+                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), ext, act, n_threads, group)
     else:
         _backward(<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), act, n_threads)
+                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), ext, act, n_threads, group)
 
 
 def backward_reduce(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray mean, cnp.ndarray sdy,
                     cnp.ndarray sxmu, int n_threads, y3=None):
     """OUT sdy = sum(g), sxmu = sum(g*(x-mean)) per channel, float64 (C,)."""
-    cdef cnp.ndarray parts = _scratch(_backward_work_size(dy3), 0)
+    cdef idx group = _fold_group((dy3, x3, y3))
+    cdef cnp.ndarray parts = _scratch(_backward_work_size(dy3, group), 0)
+    cdef double* ext = _ext_ptr(_scratch(3 * x3.shape[1] * group, 2) if group else None)
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef Activation act = _activation(y3, None, False)
     cdef int code = _dtype_code(dy3)
     if code == 0:
-        _backward_sums(<const float*> pg, <const float*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), n_threads)
+        _backward_sums(<const float*> pg, <const float*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), ext, n_threads, group)
     elif code == 1:
-        _backward_sums(<const double*> pg, <const double*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), n_threads)
+        _backward_sums(<const double*> pg, <const double*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), ext, n_threads, group)
     elif code == 2:
-        _backward_sums(<const half*> pg, <const half*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), n_threads)
+        _backward_sums(<const half*> pg, <const half*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), ext, n_threads, group)
     else:
-        _backward_sums(<const bf16*> pg, <const bf16*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), n_threads)
+        _backward_sums(<const bf16*> pg, <const bf16*> px, dy3, x3, _dptr(mean), act, _dptr(sdy), _dptr(sxmu), _dptr(parts), ext, n_threads, group)
 
 
 def backward_apply(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
                    cnp.ndarray a, cnp.ndarray b, cnp.ndarray c, bint frozen, int n_threads,
                    y3=None, dres3=None, bint stream=False):
     """OUT dx3 = a*g + b*(x - mean) + c per channel (float64 (C,) coefficients)."""
-    cdef idx C = x3.shape[1]
-    cdef cnp.ndarray consts = _scratch(5 * C, 1)
+    cdef idx group = _fold_group((dy3, x3, dx3, y3, dres3))
+    cdef idx Cf = x3.shape[1] * group if group else x3.shape[1]
+    cdef cnp.ndarray consts = _scratch(5 * Cf, 1)
+    cdef double* ext = _ext_ptr(_scratch(4 * Cf, 2) if group else None)
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* pd = cnp.PyArray_DATA(dx3)
     cdef Activation act = _activation(y3, dres3, stream)
     cdef int code = _dtype_code(dy3)
     if code == 0:
-        _backward_apply(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads)
+        _backward_apply(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), ext, n_threads, group)
     elif code == 1:
-        _backward_apply(<const double*> pg, <const double*> px, <double*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads)
+        _backward_apply(<const double*> pg, <const double*> px, <double*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), ext, n_threads, group)
     elif code == 2:
-        _backward_apply(<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads)
+        _backward_apply(<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), ext, n_threads, group)
     else:
-        _backward_apply(<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads)
+        _backward_apply(<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), ext, n_threads, group)
 
 
 # ------------------------------------------------------------------------ running stats

@@ -1057,6 +1057,38 @@ inline double merge_chunks_nlc(idx n_chunks, idx C, const double* counts, const 
     return n_acc;
 }
 
+// ---------------------------------------------------------------- short rows as columns
+// An NC array whose rows are short (a few elements: (N, C, 2) sequences, 2x2 maps) is
+// walked as channels-last rows of C*group columns, channel c owning columns
+// [c*group, (c+1)*group): per-row work over a handful of elements cost several times the
+// arithmetic. These convert between per-column and per-channel values, in column order.
+
+// Per channel, the moments of its columns (count n each), merged in column order.
+inline void merge_column_groups(idx C, idx group, double n, const double* col_mean, const double* col_m2,
+                                double* mean, double* m2) {
+    for (idx c = 0; c < C; ++c) {
+        Moments m = {0, 0, 0};
+        for (idx i = 0; i < group; ++i) merge_into(m, n, col_mean[c * group + i], col_m2[c * group + i]);
+        mean[c] = m.mean;
+        m2[c] = m.m2;
+    }
+}
+
+// Per channel, the sum of its columns' values, in column order.
+inline void sum_column_groups(idx C, idx group, const double* col, double* out) {
+    for (idx c = 0; c < C; ++c) {
+        double t = 0;
+        for (idx i = 0; i < group; ++i) t += col[c * group + i];
+        out[c] = t;
+    }
+}
+
+// A per-channel value for each of the channel's columns.
+inline void expand_to_columns(idx C, idx group, const double* v, double* out) {
+    for (idx c = 0; c < C; ++c)
+        for (idx i = 0; i < group; ++i) out[c * group + i] = v[c];
+}
+
 // Per-channel constants of the elementwise passes, converted once to the compute type.
 // `buf` holds 5*C compute-type values: mean_hi, mean_lo, p0, p1, p2.
 template <class T>

@@ -7,7 +7,7 @@ import fastbn as fbn
 from conftest import make_data
 
 LAYOUTS = [((33, 4, 50), 1), ((40, 5, 7, 3), -1), ((3, 2, 40000), 1), ((5000, 7), -1),
-           ((101, 4, 400), 1)]
+           ((101, 4, 400), 1), ((70, 3, 2, 4), 1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
