@@ -12,6 +12,21 @@ import numpy as np
 _BACKEND_ENV = "FASTBN_BACKEND"
 _BACKEND_NAMES = ("cpu", "reference")
 
+# FASTBN_BACKEND is read on every call (tests and users switch it at run time), from the
+# mapping behind os.environ where CPython has one: os.environ.get encodes the key each
+# time, 0.6 us of a 20 us small call.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_BACKEND_ENV) if hasattr(os.environ, "encodekey") else None
+if _ENV_KEY is None or not isinstance(_ENV_DATA, dict):
+    _ENV_DATA = None
+
+
+def _backend_env():
+    if _ENV_DATA is None:
+        return os.environ.get(_BACKEND_ENV)
+    raw = _ENV_DATA.get(_ENV_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
+
 
 def is_cupy_array(a):
     cupy = sys.modules.get("cupy")
@@ -80,7 +95,11 @@ def backend_name_for(*arrays):
 
     None entries are skipped. Mixed array types raise TypeError naming them; a Dask
     array may come with NumPy per-channel parameters."""
-    if all(a is None or type(a) is np.ndarray for a in arrays):  # the common call, fast
+    ndarray = np.ndarray
+    for a in arrays:
+        if a is not None and type(a) is not ndarray:
+            break
+    else:  # only NumPy arrays: the common call, fast
         return _host_backend_name()
     family = None
     first = None
@@ -106,7 +125,7 @@ def backend_name_for(*arrays):
 
 def _host_backend_name():
     """'cpu', or the backend FASTBN_BACKEND forces for NumPy arrays."""
-    forced = os.environ.get(_BACKEND_ENV)
+    forced = _backend_env()
     if forced:
         if forced not in _BACKEND_NAMES:
             raise ValueError(f"{_BACKEND_ENV} must be one of {_BACKEND_NAMES}, got: {forced!r}")

@@ -754,11 +754,6 @@ def backward_apply(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray
 
 # ------------------------------------------------------------------------ running stats
 
-ctypedef fused running_t:
-    float
-    double
-
-
 def inference_scale(const double[::1] weight, const double[::1] running_var, double eps,
                     double[::1] scale):
     """OUT scale = weight / sqrt(running_var + eps) per channel (NaN/Inf as NumPy's)."""
@@ -766,17 +761,28 @@ def inference_scale(const double[::1] weight, const double[::1] running_var, dou
         inference_scales(weight.shape[0], &weight[0], &running_var[0], eps, &scale[0])
 
 
-def update_running(running_t[:] running_mean, running_t[:] running_var,
-                   const double[::1] mean, const double[::1] var, double count,
-                   double momentum):
+def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray mean,
+                   cnp.ndarray var, double count, double momentum):
     """running = (1 - momentum) * running + momentum * batch statistic (the unbiased
     variance), per channel, in the expression order of the NumPy update
-    (fastbn._api._update_running), so the bits agree. Nothing in the loop can fail, so
-    the statistics are never half-updated; the arrays must not overlap."""
+    (fastbn._api._update_running), so the bits agree. running_mean, running_var: (C,)
+    float32 or float64 arrays of one dtype, any stride, not overlapping; mean, var:
+    contiguous float64 (C,). Nothing in the loop can fail, so the statistics are never
+    half-updated. (ndarray arguments: typed memoryviews of a fused type cost 0.4 us of a
+    small call's 20.)"""
     cdef idx C = running_mean.shape[0]
+    cdef idx item = cnp.PyArray_ITEMSIZE(running_mean)
+    cdef idx sm = cnp.PyArray_STRIDES(running_mean)[0] // item
+    cdef idx sv = cnp.PyArray_STRIDES(running_var)[0] // item
+    cdef void* rm = cnp.PyArray_DATA(running_mean)
+    cdef void* rv = cnp.PyArray_DATA(running_var)
+    cdef const double* pm = _dptr(mean)
+    cdef const double* pv = _dptr(var)
     if C == 0:
         return
-    with nogil:
-        update_running_all(C, &running_mean[0], running_mean.strides[0] // sizeof(running_t),
-                           &running_var[0], running_var.strides[0] // sizeof(running_t),
-                           &mean[0], &var[0], count, momentum)
+    if cnp.PyArray_TYPE(running_mean) == cnp.NPY_FLOAT32:
+        with nogil:
+            update_running_all(C, <float*> rm, sm, <float*> rv, sv, pm, pv, count, momentum)
+    else:
+        with nogil:
+            update_running_all(C, <double*> rm, sm, <double*> rv, sv, pm, pv, count, momentum)
