@@ -102,6 +102,9 @@ def default_cases(quick):
         for shape, dtype in (((128, 512, 7, 7), "float32"), ((8, 256, 28, 28), "float64"),
                              ((256, 2048), "float32")):
             cases += [Case(op, shape, dtype) for op in ("train", "infer", "backward")]
+        # (N, C, L) with short rows, which the CPU core walks as channels-last columns
+        cases += [Case(op, (2048, 256, 4), label=f"{op} 2048x256x4 ncl float32")
+                  for op in ("train", "infer", "backward")]
         cases += [Case(op, big, "float16", torch_dtype="bfloat16",
                        label=f"{op} {'x'.join(map(str, big))} float16 (torch bfloat16)")
                   for op in ("train", "infer", "backward")]

@@ -5,7 +5,7 @@ import fastbn as fbn
 
 from .common import Benchmark, channel_axis, get_array
 
-SHAPES = ["32x64x56x56", "128x512x7x7", "16x32x8x8"]
+SHAPES = ["32x64x56x56", "128x512x7x7", "16x32x8x8", "2048x256x4"]
 
 
 def _shape(text):
