@@ -235,7 +235,26 @@ template <class T> FASTBN_INLINE void add_sq_dev_tail(const T* p, idx n, double 
     }
 }
 
-// Moments of rows x rows [i0, i1): two passes while the block is in L1.
+template <class T>
+FASTBN_INLINE void add_shifted_full(const T* p, idx n, double K, double* s1, double* s2) {
+    for (idx i = 0; i < n; i += LANES)
+        for (int j = 0; j < LANES; ++j) {
+            double d = to_double(p[i + j]) - K;
+            s1[j] += d;
+            s2[j] += d * d;
+        }
+}
+
+template <class T>
+FASTBN_INLINE void add_shifted_tail(const T* p, idx n, double K, double* s1, double* s2) {
+    for (int j = 0; j < n; ++j) {
+        double d = to_double(p[j]) - K;
+        s1[j] += d;
+        s2[j] += d * d;
+    }
+}
+
+// Moments of rows x rows [i0, i1) while the block is in L1.
 template <class T>
 FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0, idx i1) {
     if constexpr (is_half<T>()) {
@@ -248,15 +267,37 @@ FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0,
         merge_block<float>(m, f, n, rows, 0, n);
         return;
     }
-    // The full LANES-groups of every row first, then the rows' tails: the accumulators
-    // stay in registers across rows (with a tail per row they were stored and reloaded
-    // for every row: (64,64,7,7) statistics 0.44 -> 0.24 ns per element, 1 thread, hot).
+    // One pass of sums shifted by the block's first element, K: S1 = sum(x - K), S2 =
+    // sum((x - K)^2), M2 = S2 - S1^2/n. K is one of the block's n values, so (K - mean)^2
+    // <= M2 and S2 = M2 + n (K - mean)^2 <= (n + 1) M2: at most log2(BLOCK + 1) = 12 bits
+    // cancel, and M2 keeps ~40 bits (float64). The check M2 >= 2^-20 S2 therefore only
+    // fails for Inf/NaN (or overflowing squares); those blocks take the two passes below,
+    // whose second pass is centred on the block mean, so non-finite data keeps the
+    // semantics of a plain sum. One pass instead of two: (2,16,56,56) statistics 0.150 ->
+    // 0.103 ns per element, 1 thread, hot; (32,64,56,56) moments, 2 threads, cold, about
+    // 1.07 -> 0.91 ms, training forward 1.74 -> 1.52 ms.
     const idx n = i1 - i0, full = n - n % LANES;
+    const double count = (double)(rows * n);
+    {
+        const double K = to_double(x[i0]);
+        double s1[LANES] = {}, s2[LANES] = {};
+        for (idx r = 0; r < rows; ++r) add_shifted_full(x + r * so + i0, full, K, s1, s2);
+        if (full < n)
+            for (idx r = 0; r < rows; ++r) add_shifted_tail(x + r * so + i0 + full, n - full, K, s1, s2);
+        const double S1 = lane_total(s1), S2 = lane_total(s2);
+        const double M2 = S2 - S1 * (S1 / count);
+        if (M2 >= S2 * 0x1p-20) {
+            merge_into(m, count, K + S1 / count, M2);
+            return;
+        }
+    }
+    // Two passes. The full LANES-groups of every row first, then the rows' tails: the
+    // accumulators stay in registers across rows (with a tail per row they were stored
+    // and reloaded for every row: (64,64,7,7) statistics 0.44 -> 0.24 ns per element).
     double acc[LANES] = {};
     for (idx r = 0; r < rows; ++r) add_sum_full(x + r * so + i0, full, acc);
     if (full < n)
         for (idx r = 0; r < rows; ++r) add_sum_tail(x + r * so + i0 + full, n - full, acc);
-    double count = (double)(rows * n);
     double mean = lane_total(acc) / count;
     double acc2[LANES] = {};
     for (idx r = 0; r < rows; ++r) add_sq_dev_full(x + r * so + i0, full, mean, acc2);
