@@ -27,6 +27,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <emmintrin.h>
@@ -975,52 +976,82 @@ FASTBN_INLINE void merge_all_channels(idx C, double n_acc, double nb, const doub
     }
 }
 
+// Channels-last block statistics, as merge_block: per channel, one pass of sums shifted
+// by the channel's value in the block's first row, K (S1 = sum(x - K), S2 = sum((x -
+// K)^2), M2 = S2 - S1^2/nb; K is a value of the channel's block, so at most log2(nb + 1)
+// bits cancel). finish_shifted_nlc turns (S1, S2) in (bs, bq) into (mean, M2) and marks
+// a channel whose check failed (Inf/NaN) with a NaN M2; two_pass_nlc redoes those.
+template <class T>
+FASTBN_INLINE void two_pass_nlc(const T* x, idx sr, idx c, idx r, idx rend, double nb, double* bs,
+                                double* bq) {
+    double s = 0;
+    for (idx rr = r; rr < rend; ++rr) s += to_double(x[rr * sr + c]);
+    const double mean = s / nb;
+    double q = 0;
+    for (idx rr = r; rr < rend; ++rr) {
+        double d = to_double(x[rr * sr + c]) - mean;
+        q += d * d;
+    }
+    bs[c] = mean;
+    bq[c] = q;
+}
+
+template <class T>
+FASTBN_INLINE void finish_shifted_nlc(const T* x, idx sr, idx C, idx r, idx rend, double nb,
+                                      double* __restrict__ bs, double* __restrict__ bq) {
+    const T* __restrict__ x0 = x + r * sr;
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    for (idx c = 0; c < C; ++c) {
+        const double S1 = bs[c], S2 = bq[c];
+        const double M2 = S2 - S1 * (S1 / nb);
+        bs[c] = to_double(x0[c]) + S1 / nb;
+        bq[c] = M2 >= S2 * 0x1p-20 ? M2 : nan;
+    }
+    for (idx c = 0; c < C; ++c)
+        if (bq[c] != bq[c]) two_pass_nlc(x, sr, c, r, rend, nb, bs, bq);
+}
+
 // float16 block of rows [r, rend) for chunk_moments_nlc: the same sums in the same
 // order (per channel: rows in groups of four, then single rows), on float pieces of
 // HALF_PIECE / 4 channels converted with half_converters().
 FASTBN_INLINE void block_moments_nlc_half(const half* x, idx sr, idx C, idx r, idx rend, double nb,
                                           double* __restrict__ bs, double* __restrict__ bq) {
     const idx P = HALF_PIECE / 4;
-    alignas(64) float f[4][HALF_PIECE / 4];
+    alignas(64) float f[4][HALF_PIECE / 4], k[HALF_PIECE / 4];
     const HalfConverters& cv = half_converters();
     for (idx c0 = 0; c0 < C; c0 += P) {
         const idx n = C - c0 < P ? C - c0 : P;
         double* __restrict__ s = bs + c0;
         double* __restrict__ q = bq + c0;
-        for (idx c = 0; c < n; ++c) s[c] = 0;
+        cv.to_float(x + r * sr + c0, k, n);
+        for (idx c = 0; c < n; ++c) { s[c] = 0; q[c] = 0; }
         idx rr = r;
         for (; rr + 4 <= rend; rr += 4) {
-            for (int k = 0; k < 4; ++k) cv.to_float(x + (rr + k) * sr + c0, f[k], n);
-            for (idx c = 0; c < n; ++c)
-                s[c] += ((double)f[0][c] + (double)f[1][c]) + ((double)f[2][c] + (double)f[3][c]);
-        }
-        for (; rr < rend; ++rr) {
-            cv.to_float(x + rr * sr + c0, f[0], n);
-            for (idx c = 0; c < n; ++c) s[c] += (double)f[0][c];
-        }
-        for (idx c = 0; c < n; ++c) { s[c] = s[c] / nb; q[c] = 0; }
-        for (rr = r; rr + 4 <= rend; rr += 4) {
-            for (int k = 0; k < 4; ++k) cv.to_float(x + (rr + k) * sr + c0, f[k], n);
+            for (int j = 0; j < 4; ++j) cv.to_float(x + (rr + j) * sr + c0, f[j], n);
             for (idx c = 0; c < n; ++c) {
-                double m = s[c];
-                double d0 = (double)f[0][c] - m, d1 = (double)f[1][c] - m;
-                double d2 = (double)f[2][c] - m, d3 = (double)f[3][c] - m;
+                double K = (double)k[c];
+                double d0 = (double)f[0][c] - K, d1 = (double)f[1][c] - K;
+                double d2 = (double)f[2][c] - K, d3 = (double)f[3][c] - K;
+                s[c] += (d0 + d1) + (d2 + d3);
                 q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
             }
         }
         for (; rr < rend; ++rr) {
             cv.to_float(x + rr * sr + c0, f[0], n);
             for (idx c = 0; c < n; ++c) {
-                double d = (double)f[0][c] - s[c];
+                double d = (double)f[0][c] - (double)k[c];
+                s[c] += d;
                 q[c] += d * d;
             }
         }
     }
+    finish_shifted_nlc(x, sr, C, r, rend, nb, bs, bq);
 }
 
 // Moments of rows [r0, r1) for every channel: per block of rows, the block mean and M2
-// (two passes over the block in L1), merged into (mean, m2) with the block's count.
-// bmean/bm2 are caller-provided scratch of C doubles. Returns the count.
+// (one shifted pass over the block, see finish_shifted_nlc), merged into (mean, m2) with
+// the block's count. bmean/bm2 are caller-provided scratch of C doubles. Returns the
+// count.
 template <class T>
 FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean, double* m2,
                                        double* bmean, double* bm2) {
@@ -1029,8 +1060,8 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
     for (idx r = r0; r < r1; r += g.block_rows) {
         idx nb_rows = r + g.block_rows < r1 ? g.block_rows : r1 - r;
         double nb = (double)nb_rows;
-        // the next block on its way from memory while this one is reduced (two passes
-        // in L1): the hardware prefetcher alone left the loads waiting on DRAM
+        // the next block on its way from memory while this one is reduced (in L1): the
+        // hardware prefetcher alone left the loads waiting on DRAM
         idx next = r + g.block_rows;
         if (next < r1) prefetch_rows(x + next * sr, sr, next + g.block_rows < r1 ? g.block_rows : r1 - next, 0, C);
         // four rows per sweep over the channels: a quarter of the loads and stores of
@@ -1039,43 +1070,32 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
         double* __restrict__ bq = bm2;
         if constexpr (is_half<T>()) {
             block_moments_nlc_half(x, sr, C, r, r + nb_rows, nb, bs, bq);
-            merge_all_channels(C, n_acc, nb, bmean, bm2, mean, m2);
-            n_acc += nb;
-            continue;
-        }
-        for (idx c = 0; c < C; ++c) bs[c] = 0;
-        idx rr = r, rend = r + nb_rows;
-        for (; rr + 4 <= rend; rr += 4) {
-            const T* __restrict__ x0 = x + rr * sr;
-            const T* __restrict__ x1 = x0 + sr;
-            const T* __restrict__ x2 = x1 + sr;
-            const T* __restrict__ x3 = x2 + sr;
-            for (idx c = 0; c < C; ++c)
-                bs[c] += (to_double(x0[c]) + to_double(x1[c])) + (to_double(x2[c]) + to_double(x3[c]));
-        }
-        for (; rr < rend; ++rr) {
-            const T* __restrict__ xr = x + rr * sr;
-            for (idx c = 0; c < C; ++c) bs[c] += to_double(xr[c]);
-        }
-        for (idx c = 0; c < C; ++c) { bs[c] = bs[c] / nb; bq[c] = 0; }
-        for (rr = r; rr + 4 <= rend; rr += 4) {
-            const T* __restrict__ x0 = x + rr * sr;
-            const T* __restrict__ x1 = x0 + sr;
-            const T* __restrict__ x2 = x1 + sr;
-            const T* __restrict__ x3 = x2 + sr;
-            for (idx c = 0; c < C; ++c) {
-                double m = bs[c];
-                double d0 = to_double(x0[c]) - m, d1 = to_double(x1[c]) - m;
-                double d2 = to_double(x2[c]) - m, d3 = to_double(x3[c]) - m;
-                bq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        } else {
+            const T* __restrict__ xk = x + r * sr;
+            for (idx c = 0; c < C; ++c) { bs[c] = 0; bq[c] = 0; }
+            idx rr = r, rend = r + nb_rows;
+            for (; rr + 4 <= rend; rr += 4) {
+                const T* __restrict__ x0 = x + rr * sr;
+                const T* __restrict__ x1 = x0 + sr;
+                const T* __restrict__ x2 = x1 + sr;
+                const T* __restrict__ x3 = x2 + sr;
+                for (idx c = 0; c < C; ++c) {
+                    double K = to_double(xk[c]);
+                    double d0 = to_double(x0[c]) - K, d1 = to_double(x1[c]) - K;
+                    double d2 = to_double(x2[c]) - K, d3 = to_double(x3[c]) - K;
+                    bs[c] += (d0 + d1) + (d2 + d3);
+                    bq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+                }
             }
-        }
-        for (; rr < rend; ++rr) {
-            const T* __restrict__ xr = x + rr * sr;
-            for (idx c = 0; c < C; ++c) {
-                double d = to_double(xr[c]) - bs[c];
-                bq[c] += d * d;
+            for (; rr < rend; ++rr) {
+                const T* __restrict__ xr = x + rr * sr;
+                for (idx c = 0; c < C; ++c) {
+                    double d = to_double(xr[c]) - to_double(xk[c]);
+                    bs[c] += d;
+                    bq[c] += d * d;
+                }
             }
+            finish_shifted_nlc(x, sr, C, r, rend, nb, bs, bq);
         }
         merge_all_channels(C, n_acc, nb, bmean, bm2, mean, m2);
         n_acc += nb;
