@@ -17,8 +17,9 @@
 // threads compute chunks that are folded afterwards, the bits are the same.
 //
 // Accuracy: statistics accumulate in double. Inside a chunk the data is walked in
-// cache-sized blocks: a block's mean and M2 come from two passes over the block while it
-// sits in L1 (exact shifted sums), and blocks merge with Chan's formula. Elementwise
+// cache-sized blocks: a block's mean and M2 come from one pass of sums shifted by one of
+// the block's values while it sits in L1 (at most log2(block size + 1) bits cancel; two
+// passes for blocks with Inf/NaN), and blocks merge with Chan's formula. Elementwise
 // passes compute in float for float32/float16/bfloat16 and subtract the mean as a
 // (hi, lo) float pair, so y keeps float accuracy even when |mean| >> std.
 #pragma once
