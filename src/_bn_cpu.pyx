@@ -110,7 +110,7 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
 
     double chunk_moments_nlc[T](const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean,
                                 double* m2, double* bmean, double* bm2)
-    void prepare_channel_constants[T](const T* dtype_tag, idx C, const double* mean, const double* p0,
+    void prepare_channel_constants[T](const T* dtype_tag, idx C, idx group, const double* mean, const double* p0,
                                       const double* p1, const double* p2, void* buf)
     void normalize_nlc[T](const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1,
                           const void* buf, Epilogue e)
@@ -382,7 +382,7 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
                          double* mean, double* var, double* invstd, double* parts,
                          double* consts, double* ext, Epilogue e, int n_threads,
                          idx group) noexcept:
-    # group: short rows walked as C*group columns; ext: 3*C*group scratch
+    # group: short rows walked as C*group columns; ext: 2*C*group scratch
     cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
     cdef idx Cf = C * group if group else C
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
@@ -401,15 +401,10 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
                 _moments_nlc(x, sox, gl, &count, ext, ext + Cf, parts, n_threads)
                 merge_column_groups(C, group, count, ext, ext + Cf, mean, var)
                 count = count * group
-                finalize_channels(C, &count, 0, eps, var, invstd, weight, parts)
-                expand_to_columns(C, group, mean, ext)
-                expand_to_columns(C, group, parts, ext + Cf)
-                expand_to_columns(C, group, bias, ext + 2 * Cf)
-                prepare_channel_constants(x, Cf, ext, ext + Cf, ext + 2 * Cf, NULL, consts)
             else:
                 _moments_nlc(x, sox, gl, &count, mean, var, parts, n_threads)
-                finalize_channels(C, &count, 0, eps, var, invstd, weight, parts)
-                prepare_channel_constants(x, C, mean, parts, bias, NULL, consts)
+            finalize_channels(C, &count, 0, eps, var, invstd, weight, parts)
+            prepare_channel_constants(x, C, max(group, 1), mean, parts, bias, NULL, consts)
             # each thread normalizes the chunks it reduced, walking back: the rows it read
             # most recently are still in its own cache
             for t in prange(n_threads, schedule='static', num_threads=n_threads):
@@ -448,7 +443,7 @@ def train_forward(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray weight, cnp.ndarra
     cdef idx Cf = C * group if group else C
     cdef cnp.ndarray parts = _scratch(max(_moments_work_size(x3, n_threads, group), C), 0)
     cdef cnp.ndarray consts = _scratch(5 * Cf, 1)
-    cdef double* ext = _ext_ptr(_scratch(3 * Cf, 2) if group else None)
+    cdef double* ext = _ext_ptr(_scratch(2 * Cf, 2) if group else None)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* py = cnp.PyArray_DATA(y3)
     cdef Epilogue e = _epilogue(res3, relu, stream)
@@ -469,25 +464,18 @@ def train_forward(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray weight, cnp.ndarra
 
 cdef void _normalize(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
                      const double* mean, const double* scale, const double* shift,
-                     double* consts, double* ext, Epilogue e, int n_threads,
-                     idx group) noexcept:
-    # group: short rows walked as C*group columns; ext: 3*C*group scratch
+                     double* consts, Epilogue e, int n_threads, idx group) noexcept:
+    # group: short rows walked as C*group columns
     cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
     cdef idx soy = _stride(y3, 0), scy = _stride(y3, 1)
     cdef NLCGrid gl
     cdef idx k, w, n_rows
     with nogil:
+        prepare_channel_constants(x, C, max(group, 1), mean, scale, shift, NULL, consts)
         if group:
             C = C * group
-            expand_to_columns(x3.shape[1], group, mean, ext)
-            expand_to_columns(x3.shape[1], group, scale, ext + C)
-            expand_to_columns(x3.shape[1], group, shift, ext + 2 * C)
-            mean = ext
-            scale = ext + C
-            shift = ext + 2 * C
             inner = 1
-        prepare_channel_constants(x, C, mean, scale, shift, NULL, consts)
         if inner == 1:
             gl = nlc_grid(outer, C)
             for k in prange(gl.n_chunks, schedule='static', num_threads=n_threads):
@@ -508,19 +496,18 @@ def normalize(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray mean, cnp.ndarray scal
     cdef idx group = _fold_group((x3, y3, res3))
     cdef idx Cf = x3.shape[1] * group if group else x3.shape[1]
     cdef cnp.ndarray consts = _scratch(5 * Cf, 1)
-    cdef double* ext = _ext_ptr(_scratch(3 * Cf, 2) if group else None)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* py = cnp.PyArray_DATA(y3)
     cdef Epilogue e = _epilogue(res3, relu, stream)
     cdef int code = _dtype_code(x3)
     if code == 0:
-        _normalize(<const float*> px, <float*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), ext, e, n_threads, group)
+        _normalize(<const float*> px, <float*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads, group)
     elif code == 1:
-        _normalize(<const double*> px, <double*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), ext, e, n_threads, group)
+        _normalize(<const double*> px, <double*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads, group)
     elif code == 2:
-        _normalize(<const half*> px, <half*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), ext, e, n_threads, group)
+        _normalize(<const half*> px, <half*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads, group)
     else:
-        _normalize(<const bf16*> px, <bf16*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), ext, e, n_threads, group)
+        _normalize(<const bf16*> px, <bf16*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads, group)
 
 
 # --------------------------------------------------------------------- backward
@@ -591,9 +578,9 @@ cdef void _backward_sums(const data_t* dy, const data_t* x, cnp.ndarray dy3, cnp
 cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray dy3,
                           cnp.ndarray x3, cnp.ndarray dx3, const double* mean, double* ka,
                           double* kb, double* kc, bint frozen, Activation act, double* consts,
-                          double* ext, int n_threads, idx group) noexcept:
+                          int n_threads, idx group) noexcept:
     # OUT dx = ka*g + kb*(x - mean) + kc per channel (g = dy, masked by a fused ReLU).
-    # group: short rows walked as C*group columns; ext: 4*C*group scratch
+    # group: short rows walked as C*group columns
     cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
     cdef idx sog = _stride(dy3, 0), scg = _stride(dy3, 1)
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
@@ -603,20 +590,10 @@ cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.nda
     cdef idx c, k, kk, w, lo, hi
     cdef int t
     with nogil:
-        if group:
-            C = C * group
-            expand_to_columns(dy3.shape[1], group, mean, ext)
-            expand_to_columns(dy3.shape[1], group, ka, ext + C)
-            expand_to_columns(dy3.shape[1], group, kb, ext + 2 * C)
-            expand_to_columns(dy3.shape[1], group, kc, ext + 3 * C)
-            mean = ext
-            ka = ext + C
-            kb = ext + 2 * C
-            kc = ext + 3 * C
-            inner = 1
-        if inner == 1:
+        if inner == 1 or group:
+            prepare_channel_constants(x, C, max(group, 1), mean, ka, kb, kc, consts)
+            C = C * max(group, 1)
             gl = nlc_grid(outer, C)
-            prepare_channel_constants(x, C, mean, ka, kb, kc, consts)
             # each thread applies the chunks it reduced, most recent first (its cache)
             for t in prange(n_threads, schedule='static', num_threads=n_threads):
                 _static_block(gl.n_chunks, n_threads, t, &lo, &hi)
@@ -638,7 +615,7 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
                     double* parts, double* consts, double* ext, Activation act, int n_threads,
                     idx group) noexcept:
     # group: short rows walked as C*group columns (not fused: sums, then dx);
-    # consts: 5*C*group + 3*C, ext: 4*C*group scratch
+    # consts: 5*C*group + 3*C, ext: 3*C*group scratch
     cdef idx outer = dy3.shape[0], C = dy3.shape[1], inner = dy3.shape[2]
     cdef idx Cf = C * group if group else C
     cdef idx sog = _stride(dy3, 0), scg = _stride(dy3, 1)
@@ -664,8 +641,8 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
         return
     _backward_sums(dy, x, dy3, x3, mean, act, sdy, sxmu, parts, ext, n_threads, group)
     backward_coefficients_all(C, sdy, sxmu, invstd, weight, m, frozen, ka, kb, kc)
-    _backward_apply(dy, x, dx, dy3, x3, dx3, mean, ka, kb, kc, frozen, act, consts, ext,
-                    n_threads, group)
+    _backward_apply(dy, x, dx, dy3, x3, dx3, mean, ka, kb, kc, frozen, act, consts, n_threads,
+                    group)
 
 
 cdef idx _backward_work_size(cnp.ndarray dy3, idx group):
@@ -689,7 +666,7 @@ def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
     cdef idx Cf = C * group if group else C
     cdef cnp.ndarray parts = _scratch(_backward_work_size(dy3, group), 0)
     cdef cnp.ndarray consts = _scratch(5 * Cf + 3 * C, 1)
-    cdef double* ext = _ext_ptr(_scratch(4 * Cf, 2) if group else None)
+    cdef double* ext = _ext_ptr(_scratch(3 * Cf, 2) if group else None)
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* pd = cnp.PyArray_DATA(dx3)
@@ -736,20 +713,19 @@ def backward_apply(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray
     cdef idx group = _fold_group((dy3, x3, dx3, y3, dres3))
     cdef idx Cf = x3.shape[1] * group if group else x3.shape[1]
     cdef cnp.ndarray consts = _scratch(5 * Cf, 1)
-    cdef double* ext = _ext_ptr(_scratch(4 * Cf, 2) if group else None)
     cdef void* pg = cnp.PyArray_DATA(dy3)
     cdef void* px = cnp.PyArray_DATA(x3)
     cdef void* pd = cnp.PyArray_DATA(dx3)
     cdef Activation act = _activation(y3, dres3, stream)
     cdef int code = _dtype_code(dy3)
     if code == 0:
-        _backward_apply(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), ext, n_threads, group)
+        _backward_apply(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads, group)
     elif code == 1:
-        _backward_apply(<const double*> pg, <const double*> px, <double*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), ext, n_threads, group)
+        _backward_apply(<const double*> pg, <const double*> px, <double*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads, group)
     elif code == 2:
-        _backward_apply(<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), ext, n_threads, group)
+        _backward_apply(<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads, group)
     else:
-        _backward_apply(<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), ext, n_threads, group)
+        _backward_apply(<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads, group)
 
 
 # ------------------------------------------------------------------------ running stats

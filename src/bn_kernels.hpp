@@ -1151,20 +1151,25 @@ inline void expand_to_columns(idx C, idx group, const double* v, double* out) {
         for (idx i = 0; i < group; ++i) out[c * group + i] = v[c];
 }
 
-// Per-channel constants of the elementwise passes, converted once to the compute type.
-// `buf` holds 5*C compute-type values: mean_hi, mean_lo, p0, p1, p2.
+// Per-channel constants of the elementwise passes, converted once to the compute type,
+// for each of the channel's `group` columns (1, or the columns of short rows walked as
+// channels-last). `buf` holds 5*C*group compute-type values: mean_hi, mean_lo, p0, p1, p2.
 template <class T>
-void prepare_channel_constants(const T* /*dtype_tag*/, idx C, const double* mean, const double* p0, const double* p1, const double* p2,
-                               void* buf) {
+void prepare_channel_constants(const T* /*dtype_tag*/, idx C, idx group, const double* mean, const double* p0,
+                               const double* p1, const double* p2, void* buf) {
     typedef typename compute_of<T>::type CT;
     CT* out = (CT*)buf;
+    const idx Cf = C * group;
     for (idx c = 0; c < C; ++c) {
-        CT hi = (CT)mean[c];
-        out[c] = hi;
-        out[C + c] = (CT)(mean[c] - (double)hi);
-        out[2 * C + c] = (CT)p0[c];
-        out[3 * C + c] = (CT)p1[c];
-        out[4 * C + c] = p2 ? (CT)p2[c] : (CT)0;
+        const CT hi = (CT)mean[c], lo = (CT)(mean[c] - (double)hi);
+        const CT a = (CT)p0[c], b = (CT)p1[c], d = p2 ? (CT)p2[c] : (CT)0;
+        for (idx j = c * group; j < (c + 1) * group; ++j) {
+            out[j] = hi;
+            out[Cf + j] = lo;
+            out[2 * Cf + j] = a;
+            out[3 * Cf + j] = b;
+            out[4 * Cf + j] = d;
+        }
     }
 }
 
