@@ -116,6 +116,15 @@ def _n_buffers(nbytes):
     return int(min(64, max(2, math.ceil(3 * LLC_BYTES / max(nbytes, 1)) + 1)))
 
 
+_POOLS = {}
+
+
+def _pool(n):
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n)
+    return _POOLS[n]
+
+
 def build(case, rng):
     """Rotating inputs and the callables of each peer (each takes the buffer index)."""
     shape = case.shape
@@ -203,6 +212,25 @@ def build(case, rng):
             fbn.set_num_threads(n)
 
     peers["fastbn 1 thread"] = one_thread
+    # the machine's bandwidth in the same interleaved loop, on the same buffers: a copy of
+    # x (read + write, the traffic of a forward pass) or, for moments, a read of x (an
+    # integer max: memory-bound, where a float sum is not). A shared machine's bandwidth
+    # drifts during a run; this moves with it. (glibc copies pieces this size with
+    # ordinary stores, the 256 MB measurement with streaming ones: both are kept.)
+    dst = np.empty_like(xs[0])
+    pool = _pool(fbn.get_num_threads())
+    bounds = np.linspace(0, xs[0].size, fbn.get_num_threads() + 1).astype(int)
+
+    def copy(i, parts=tuple(zip(bounds[:-1], bounds[1:]))):
+        src, out = xs[i].reshape(-1), dst.reshape(-1)
+        list(pool.map(lambda b: np.copyto(out[b[0]:b[1]], src[b[0]:b[1]]), parts))
+
+    def read(i, parts=tuple(zip(bounds[:-1], bounds[1:]))):
+        words = xs[i].reshape(-1).view(np.uint8 if xs[i].itemsize == 1 else
+                                       {2: np.uint16, 4: np.uint32, 8: np.uint64}[xs[i].itemsize])
+        list(pool.map(lambda b: words[b[0]:b[1]].max(), parts))
+
+    peers["bw"] = read if case.op == "moments" else copy
     return peers, k, nbytes, (xs, dys)
 
 
@@ -235,14 +263,24 @@ def run_case(case, repeats, rng):
             times[name].append(time.perf_counter() - t)
             i += 1
     med = {name: float(np.median(v)) for name, v in times.items()}
-    return {"case": case.label, "op": case.op, "shape": list(case.shape),
+    ref_bytes = nbytes if case.op == "moments" else 2 * nbytes
+    return {"bw_gbs": ref_bytes / med.pop("bw") / 1e9,
+            "case": case.label, "op": case.op, "shape": list(case.shape),
             "dtype": case.dtype.name, "layout": case.layout, "buffers": k,
             "bytes_per_pass": nbytes, "ideal_bytes": case.passes * nbytes,
             "median_s": med, "extra_bytes": peak_extra_bytes(peers["fastbn"])}
 
 
-COLUMNS = ("case", "fastbn ms", "torch ms", "numpy ms", "GB/s", "% bw", "vs torch",
+COLUMNS = ("case", "fastbn ms", "torch ms", "numpy ms", "GB/s", "bw GB/s", "% bw", "vs torch",
            "vs numpy", "2t/1t", "extra MB")
+
+
+def case_bandwidth(r, bw):
+    """The bandwidth a case is measured against: the higher of the machine-wide
+    measurement (before/after the cases) and the copy (moments: read) of the case's own
+    buffers interleaved with it -- the less flattering figure."""
+    machine = bw["read"] if r["op"] == "moments" else bw["copy"]
+    return max(machine, r.get("bw_gbs", 0.0))
 
 
 def table_rows(rows, bw):
@@ -252,13 +290,94 @@ def table_rows(rows, bw):
         med = r["median_s"]
         f = med["fastbn"]
         gbs = r["ideal_bytes"] / f / 1e9
-        ref = bw["read"] if r["op"] == "moments" else bw["copy"]
+        ref = case_bandwidth(r, bw)
         t = med.get("torch")
         out.append((r["case"], f"{f * 1e3:.3f}", f"{t * 1e3:.3f}" if t else "-",
-                    f"{med['numpy'] * 1e3:.3f}", f"{gbs:.1f}", f"{100 * gbs / ref:.0f}",
+                    f"{med['numpy'] * 1e3:.3f}", f"{gbs:.1f}", f"{r['bw_gbs']:.1f}" if "bw_gbs" in r else "-",
+                    f"{100 * gbs / ref:.0f}",
                     f"{t / f:.2f}" if t else "-", f"{med['numpy'] / f:.1f}",
                     f"{med['fastbn 1 thread'] / f:.2f}", f"{r['extra_bytes'] / 1e6:.2f}"))
     return out
+
+
+# ------------------------------------------------------------------ targets
+# The targets of the performance issue, per case: fastbn over PyTorch (same threads), over
+# the naive NumPy formulas, % of the measured bandwidth, and 2 threads over 1.
+TORCH_TARGETS = {("train", "nchw"): 3.0, ("train", "nhwc"): 2.5, ("infer", "nchw"): 1.2,
+                 ("infer", "nhwc"): 1.2, ("backward", "nchw"): 1.8, ("backward", "nhwc"): 3.0}
+BW_TARGETS = {"train": 70, "infer": 80, "backward": 70, "moments": 80}
+NUMPY_TARGET = 10.0
+THREADS_TARGET = 1.6
+LARGE_BYTES = 8 * 2 ** 20  # "large shapes" for the 2-vs-1-thread target
+
+
+def case_targets(r):
+    """[(name, peer or None, target)] for one result row."""
+    shape, op = tuple(r["shape"]), r["op"]
+    big = shape == (32, 64, 56, 56)
+    out = []
+    if r["case"].startswith("small"):
+        out.append(("<= 0.5x torch's time", "torch", 2.0))
+    elif big and r["dtype"] == "float16":
+        out.append(("1.5x torch bfloat16", "torch", 1.5))
+    elif big and (op, r["layout"]) in TORCH_TARGETS:
+        t = TORCH_TARGETS[op, r["layout"]]
+        out.append((f"{t:g}x torch", "torch", t))
+    elif shape in ((128, 512, 7, 7), (8, 256, 28, 28), (256, 2048)):
+        out.append(("1.5x torch", "torch", 1.5))
+    if big and r["dtype"] == "float32" and op in BW_TARGETS:
+        out.append((f"{BW_TARGETS[op]}% of bw", None, BW_TARGETS[op]))
+    out.append((f"{NUMPY_TARGET:g}x numpy", "numpy", NUMPY_TARGET))
+    if r["bytes_per_pass"] >= LARGE_BYTES:
+        out.append((f"{THREADS_TARGET:g}x 2t/1t", "fastbn 1 thread", THREADS_TARGET))
+    return out
+
+
+def target_rows(rows, bw, bw1=None):
+    """Per case and target: the value reached, and for a speed-up not reached what it
+    would take: fastbn at peer time / target moves the ideal traffic at `need` GB/s, shown
+    as % of the case's bandwidth (case_bandwidth). Above 100 %, the target asks fastbn to
+    move its bytes faster than this machine copied (read) memory at any point of the run.
+    For 2 threads over 1 the bound is how much the machine's own 256 MB copy (read) gained
+    from the second thread: a memory-bound operation cannot gain more."""
+    out = []
+    for r in rows:
+        med = r["median_s"]
+        f = med["fastbn"]
+        ref = case_bandwidth(r, bw)
+        for name, peer, target in case_targets(r):
+            if peer is None:
+                value = 100 * r["ideal_bytes"] / f / 1e9 / ref
+            elif peer not in med:
+                continue
+            else:
+                value = med[peer] / f
+            need = ""
+            if value < target and peer in ("torch", "numpy") and not r["case"].startswith("small"):
+                gbs = r["ideal_bytes"] / (med[peer] / target) / 1e9
+                need = f"{gbs:.0f} GB/s = {100 * gbs / ref:.0f}% of bw"
+            elif value < target and peer == "fastbn 1 thread" and bw1:
+                key = "read" if r["op"] == "moments" else "copy"
+                need = f"the machine's {key}: {bw[key] / bw1[key]:.2f}x"
+            out.append((r["case"], name, f"{value:.2f}" if peer else f"{value:.0f}%",
+                        "yes" if value >= target else "no", need))
+    return out
+
+
+TARGET_COLUMNS = ("case", "target", "reached", "met", "what it would take")
+
+
+def report_targets(rows, bw, bw1, markdown=False):
+    body = target_rows(rows, bw, bw1)
+    if markdown:
+        print("| " + " | ".join(TARGET_COLUMNS) + " |")
+        print("|" + "---|" * len(TARGET_COLUMNS))
+        for cells in body:
+            print("| " + " | ".join(cells) + " |")
+        return
+    widths = (44, 22, 8, 4, 30)
+    for cells in (TARGET_COLUMNS,) + tuple(body):
+        print(" ".join(f"{c:{w}}" for c, w in zip(cells, widths)))
 
 
 def report(rows, bw, threads, markdown=False):
@@ -275,8 +394,9 @@ def report(rows, bw, threads, markdown=False):
         for cells in body:
             print(" ".join(f"{c[:w]:>{w}}" if i else f"{c[:w]:{w}}"
                            for i, (c, w) in enumerate(zip(cells, widths))))
-    print(f"(ms per call, medians; {threads} threads; bandwidth: copy {bw['copy']:.1f} GB/s, "
-          f"read {bw['read']:.1f} GB/s; % bw against copy, moments against read)")
+    print(f"(ms per call, medians; {threads} threads; bw GB/s: a {threads}-thread copy of the "
+          f"case's buffers (moments: a read) interleaved with it; % bw against the higher of "
+          f"that and the machine-wide copy {bw['copy']:.1f} GB/s (read {bw['read']:.1f} GB/s))")
 
 
 def plot(rows, path):
@@ -340,6 +460,10 @@ def main():
             saved = json.load(f)
         meta = saved["meta"]
         report(saved["rows"], meta["bandwidth_gbs"], meta["threads"], args.markdown)
+        if "bandwidth_1thread_gbs" in meta:
+            print()
+            report_targets(saved["rows"], meta["bandwidth_gbs"], meta["bandwidth_1thread_gbs"],
+                           args.markdown)
         return
     if args.heap_pin:
         pin_heap()
@@ -347,20 +471,27 @@ def main():
     if torch is not None:
         torch.set_num_threads(args.threads)
     before = measure_bandwidth(args.threads)
+    one_before = measure_bandwidth(1)
     rng = np.random.default_rng(0)
     rows = [run_case(c, args.repeats, rng) for c in default_cases(args.quick)
             if args.only in c.label]
     after = measure_bandwidth(args.threads)
+    one_after = measure_bandwidth(1)
     # a shared machine's bandwidth drifts within a run: % of bandwidth is taken against
     # the higher of the two measurements (the less flattering figure)
     bw = {k: max(before[k], after[k]) for k in before}
+    bw1 = {k: max(one_before[k], one_after[k]) for k in one_before}
     print(f"bandwidth before the cases: copy {before['copy']:.1f}, read {before['read']:.1f} "
-          f"GB/s; after: copy {after['copy']:.1f}, read {after['read']:.1f} GB/s")
+          f"GB/s; after: copy {after['copy']:.1f}, read {after['read']:.1f} GB/s; 1 thread: "
+          f"copy {bw1['copy']:.1f}, read {bw1['read']:.1f} GB/s")
     report(rows, bw, args.threads, args.markdown)
+    print()
+    report_targets(rows, bw, bw1, args.markdown)
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": args.threads, "torch": getattr(torch, "__version__", None),
             "numpy": np.__version__, "fastbn": fbn.__version__, "bandwidth_gbs": bw,
             "bandwidth_before_gbs": before, "bandwidth_after_gbs": after,
+            "bandwidth_1thread_gbs": bw1,
             "date": time.strftime("%Y-%m-%d")}
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -32,6 +32,8 @@ LAYOUTS = [
     ((2000, 20), 1),  # 2-D with 20 channels: the same, over 4 splits of rows
     ((33, 6, 2), 1),  # rows of 2 and 16 elements: walked as channels-last columns on the CPU
     ((9, 5, 4, 4), 1),
+    ((7, 1100), -1),  # wide channels-last rows: channel tiles (with a tail) over row groups
+    ((5, 200, 3), 1),  # short rows as 600 columns: the same tiles
 ]
 IDS = [f"{s}-ax{a}" for s, a in LAYOUTS]
 

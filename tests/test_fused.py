@@ -6,7 +6,8 @@ import fastbn as fbn
 from conftest import DTYPES, assert_data_close, make_data, reference
 
 LAYOUTS = [((97, 5), 1), ((5, 7, 3), -1), ((4, 3, 5, 7), 1), ((2, 5, 7, 3), -1),
-           ((3, 2, 40000), 1), ((5000, 7), -1), ((41, 5, 3), 1)]
+           ((3, 2, 40000), 1), ((5000, 7), -1), ((41, 5, 3), 1),
+           ((6, 1030), -1)]
 
 
 def _relu(v):
