@@ -15,7 +15,13 @@ the peak memory a fastbn call allocates beyond its outputs (tracemalloc). Writes
 and a bar-chart PNG.
 
 Run:  python benchmarks/compare.py [--threads 2] [--repeats 25] [--quick] [--only TEXT]
-                                   [--json compare.json] [--png compare.png]
+                                   [--json compare.json] [--png compare.png] [--markdown]
+      python benchmarks/compare.py --from-json compare.json     (re-print a run)
+      python benchmarks/compare.py --summary a.json b.json ...  (targets over runs)
+
+After the table it prints the performance issue's targets per case (case_targets): the
+value reached, whether it was met, and for a speed-up not reached the bandwidth it would
+take (target_rows).
 """
 import argparse
 import json
@@ -344,6 +350,14 @@ def case_targets(r):
     return out
 
 
+def unavoidable_bytes(r):
+    """A row's unavoidable traffic (computed for runs saved before it was recorded)."""
+    if "unavoidable_bytes" in r:
+        return r["unavoidable_bytes"]
+    case = Case(r["op"], tuple(r["shape"]), r["dtype"], r["layout"])
+    return case.unavoidable_passes(r["bytes_per_pass"]) * r["bytes_per_pass"]
+
+
 def target_rows(rows, bw, bw1=None):
     """Per case and target: the value reached, and for a speed-up not reached what it
     would take: fastbn at peer time / target moves the traffic it cannot avoid (the ideal
@@ -365,11 +379,11 @@ def target_rows(rows, bw, bw1=None):
             else:
                 value = med[peer] / f
             need = ""
-            extra = r.get("unavoidable_bytes", r["ideal_bytes"]) / r["ideal_bytes"]
+            extra = unavoidable_bytes(r) / r["ideal_bytes"]
             if value < target and peer is None and extra > 1:
                 need = f"{target * extra:.0f}% of bw on its unavoidable traffic"
             elif value < target and peer in ("torch", "numpy") and not r["case"].startswith("small"):
-                gbs = r.get("unavoidable_bytes", r["ideal_bytes"]) / (med[peer] / target) / 1e9
+                gbs = unavoidable_bytes(r) / (med[peer] / target) / 1e9
                 need = f"{gbs:.0f} GB/s = {100 * gbs / ref:.0f}% of bw"
             elif value < target and peer == "fastbn 1 thread" and bw1:
                 key = "read" if r["op"] == "moments" else "copy"
@@ -392,6 +406,37 @@ def report_targets(rows, bw, bw1, markdown=False):
         return
     widths = (44, 22, 8, 4, 30)
     for cells in (TARGET_COLUMNS,) + tuple(body):
+        print(" ".join(f"{c:{w}}" for c, w in zip(cells, widths)))
+
+
+def report_summary(paths, markdown=False):
+    """The targets over several saved runs: per case and target, the value reached in each
+    run, in how many runs it was met, and what it would have taken in the runs that
+    missed it."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            saved = json.load(f)
+        meta = saved["meta"]
+        runs.append(target_rows(saved["rows"], meta["bandwidth_gbs"], meta.get("bandwidth_1thread_gbs")))
+    merged = {}
+    for rows in runs:
+        for case, target, reached, met, need in rows:
+            merged.setdefault((case, target), []).append((reached, met, need))
+    columns = ("case", "target", "reached (each run)", "met", "what it would take (runs that missed)")
+    body = []
+    for (case, target), vals in merged.items():
+        needs = [v[2] for v in vals if v[1] == "no" and v[2]]
+        body.append((case, target, " / ".join(v[0] for v in vals),
+                     f"{sum(v[1] == 'yes' for v in vals)}/{len(vals)}", "; ".join(needs)))
+    if markdown:
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for cells in body:
+            print("| " + " | ".join(cells) + " |")
+        return
+    widths = (44, 22, 24, 5, 60)
+    for cells in (columns,) + tuple(body):
         print(" ".join(f"{c:{w}}" for c, w in zip(cells, widths)))
 
 
@@ -465,11 +510,16 @@ def main():
     p.add_argument("--only", default="", help="run the cases whose label contains this")
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--from-json", help="print the table of an earlier run's JSON, run nothing")
+    p.add_argument("--summary", nargs="+", metavar="JSON",
+                   help="print the targets over several earlier runs' JSON, run nothing")
     p.add_argument("--no-heap-pin", dest="heap_pin", action="store_false",
                    help="leave glibc's malloc thresholds alone (see pin_heap)")
     p.add_argument("--json", default="compare.json")
     p.add_argument("--png", default="compare.png")
     args = p.parse_args()
+    if args.summary:
+        report_summary(args.summary, args.markdown)
+        return
     if args.from_json:
         with open(args.from_json) as f:
             saved = json.load(f)

@@ -1,0 +1,65 @@
+"""benchmarks/compare.py's bookkeeping (no timing): the targets table and re-printing a
+saved run."""
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare", ROOT / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(op, layout, fastbn, torch, numpy, one_thread, nbytes=25_690_112, bw_gbs=20.0):
+    passes = {"train": 2, "infer": 2, "backward": 3, "moments": 1}[op]
+    return {"case": f"{op} 32x64x56x56 {layout} float32", "op": op, "shape": [32, 64, 56, 56],
+            "dtype": "float32", "layout": layout, "bytes_per_pass": nbytes,
+            "ideal_bytes": passes * nbytes, "bw_gbs": bw_gbs, "extra_bytes": 0,
+            "median_s": {"fastbn": fastbn, "torch": torch, "numpy": numpy,
+                         "fastbn 1 thread": one_thread}}
+
+
+def test_targets_met_and_what_a_miss_would_take(compare):
+    bw, bw1 = {"copy": 30.0, "read": 35.0}, {"copy": 25.0, "read": 30.0}
+    nchw = _row("train", "nchw", fastbn=1e-3, torch=4e-3, numpy=12e-3, one_thread=1.7e-3)
+    nhwc = _row("train", "nhwc", fastbn=2.5e-3, torch=3e-3, numpy=12e-3, one_thread=2.75e-3)
+    rows = {(c, t): rest for c, t, *rest in compare.target_rows([nchw, nhwc], bw, bw1)}
+    assert rows[nchw["case"], "3x torch"][:2] == ["4.00", "yes"]
+    assert rows[nchw["case"], "10x numpy"][:2] == ["12.00", "yes"]
+    assert rows[nchw["case"], "1.6x 2t/1t"][:2] == ["1.70", "yes"]
+    # 2 * 25.69 MB in 1 ms = 51.4 GB/s against max(30 machine-wide, 20 interleaved)
+    assert rows[nchw["case"], "70% of bw"][:2] == ["171%", "yes"]
+    # channels-last training reads x twice (3 passes): 2.5x torch's 3 ms is 1.2 ms for
+    # 77.1 MB = 64 GB/s = 214% of the 30 GB/s copy
+    reached, met, need = rows[nhwc["case"], "2.5x torch"]
+    assert (reached, met, need) == ("1.20", "no", "64 GB/s = 214% of bw")
+    # 51.4 MB of ideal traffic in 2.5 ms: 69% of 30 GB/s; 70% of its ideal traffic is 105%
+    # of the copy on the traffic it cannot avoid
+    assert rows[nhwc["case"], "70% of bw"] == ["69%", "no", "105% of bw on its unavoidable traffic"]
+    assert rows[nhwc["case"], "1.6x 2t/1t"] == ["1.10", "no", "the machine's copy: 1.20x"]
+
+
+def test_reprints_a_saved_run(tmp_path, compare):
+    saved = {"meta": {"bandwidth_gbs": {"copy": 30.0, "read": 35.0},
+                      "bandwidth_1thread_gbs": {"copy": 25.0, "read": 30.0}, "threads": 2},
+             "rows": [_row("moments", "nchw", 1e-3, 15e-3, 8e-3, 1.5e-3)]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(saved))
+    script = str(ROOT / "benchmarks" / "compare.py")
+    out = subprocess.run([sys.executable, script, "--from-json", str(path)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "moments 32x64x56x56 nchw float32" in out and "what it would take" in out
+    # moments: 25.69 MB read in 1 ms = 25.7 GB/s = 73% of the 35 GB/s read
+    assert "80% of bw" in out and "73%" in out
+    out = subprocess.run([sys.executable, script, "--summary", str(path), str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "0/2" in out
