@@ -317,6 +317,20 @@ def table_rows(rows, bw):
     return out
 
 
+def print_table(columns, body, widths, markdown=False, numbers=False):
+    """Rows of string cells as Markdown, or as fixed-width text (numbers: cells after the
+    first right-aligned and cut to the width)."""
+    if markdown:
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for cells in body:
+            print("| " + " | ".join(cells) + " |")
+        return
+    for cells in (tuple(columns),) + tuple(body):
+        print(" ".join(f"{c[:w]:>{w}}" if numbers and i else f"{c:{w}}"
+                       for i, (c, w) in enumerate(zip(cells, widths))))
+
+
 # ------------------------------------------------------------------ targets
 # The targets of the performance issue, per case: fastbn over PyTorch (same threads), over
 # the naive NumPy formulas, % of the measured bandwidth, and 2 threads over 1.
@@ -398,15 +412,7 @@ TARGET_COLUMNS = ("case", "target", "reached", "met", "what it would take")
 
 def report_targets(rows, bw, bw1, markdown=False):
     body = target_rows(rows, bw, bw1)
-    if markdown:
-        print("| " + " | ".join(TARGET_COLUMNS) + " |")
-        print("|" + "---|" * len(TARGET_COLUMNS))
-        for cells in body:
-            print("| " + " | ".join(cells) + " |")
-        return
-    widths = (44, 22, 8, 4, 30)
-    for cells in (TARGET_COLUMNS,) + tuple(body):
-        print(" ".join(f"{c:{w}}" for c, w in zip(cells, widths)))
+    print_table(TARGET_COLUMNS, body, (44, 22, 8, 4, 30), markdown)
 
 
 def report_summary(paths, markdown=False):
@@ -429,31 +435,12 @@ def report_summary(paths, markdown=False):
         needs = [v[2] for v in vals if v[1] == "no" and v[2]]
         body.append((case, target, " / ".join(v[0] for v in vals),
                      f"{sum(v[1] == 'yes' for v in vals)}/{len(vals)}", "; ".join(needs)))
-    if markdown:
-        print("| " + " | ".join(columns) + " |")
-        print("|" + "---|" * len(columns))
-        for cells in body:
-            print("| " + " | ".join(cells) + " |")
-        return
-    widths = (44, 22, 24, 5, 60)
-    for cells in (columns,) + tuple(body):
-        print(" ".join(f"{c:{w}}" for c, w in zip(cells, widths)))
+    print_table(columns, body, (44, 22, 24, 5, 60), markdown)
 
 
 def report(rows, bw, threads, markdown=False):
-    body = table_rows(rows, bw)
-    if markdown:
-        print("| " + " | ".join(COLUMNS) + " |")
-        print("|" + "---|" * len(COLUMNS))
-        for cells in body:
-            print("| " + " | ".join(cells) + " |")
-    else:
-        widths = [44] + [9] * (len(COLUMNS) - 1)
-        print(" ".join(f"{c[:w]:>{w}}" if i else f"{c[:w]:{w}}"
-                       for i, (c, w) in enumerate(zip(COLUMNS, widths))))
-        for cells in body:
-            print(" ".join(f"{c[:w]:>{w}}" if i else f"{c[:w]:{w}}"
-                           for i, (c, w) in enumerate(zip(cells, widths))))
+    print_table(COLUMNS, table_rows(rows, bw), [44] + [9] * (len(COLUMNS) - 1), markdown,
+                numbers=True)
     print(f"(ms per call, medians; {threads} threads; bw GB/s: a {threads}-thread copy of the "
           f"case's buffers (moments: a read) interleaved with it; % bw against the higher of "
           f"that and the machine-wide copy {bw['copy']:.1f} GB/s (read {bw['read']:.1f} GB/s))")
