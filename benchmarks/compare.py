@@ -236,14 +236,15 @@ def build(case, rng):
     dst = np.empty_like(xs[0])
     pool = _pool(fbn.get_num_threads())
     bounds = np.linspace(0, xs[0].size, fbn.get_num_threads() + 1).astype(int)
+    parts = tuple(zip(bounds[:-1], bounds[1:]))
+    word = {2: np.uint16, 4: np.uint32, 8: np.uint64}[case.dtype.itemsize]
 
-    def copy(i, parts=tuple(zip(bounds[:-1], bounds[1:]))):
+    def copy(i):
         src, out = xs[i].reshape(-1), dst.reshape(-1)
         list(pool.map(lambda b: np.copyto(out[b[0]:b[1]], src[b[0]:b[1]]), parts))
 
-    def read(i, parts=tuple(zip(bounds[:-1], bounds[1:]))):
-        words = xs[i].reshape(-1).view(np.uint8 if xs[i].itemsize == 1 else
-                                       {2: np.uint16, 4: np.uint32, 8: np.uint64}[xs[i].itemsize])
+    def read(i):
+        words = xs[i].reshape(-1).view(word)
         list(pool.map(lambda b: words[b[0]:b[1]].max(), parts))
 
     peers["bw"] = read if case.op == "moments" else copy
