@@ -58,7 +58,7 @@ def _check_data(x, name):
 class _Layout:
     """The (outer, C, inner) view of an array with channel axis `axis`."""
 
-    __slots__ = ("shape", "axis", "C", "shape3", "count")
+    __slots__ = ("shape", "axis", "C", "channel_shape", "shape3", "count")
 
     def __init__(self, shape, axis):
         try:
@@ -74,8 +74,29 @@ class _Layout:
         self.shape = shape
         self.axis = axis
         self.C = shape[k]
+        self.channel_shape = (self.C,)
         self.shape3 = (outer, self.C, inner)
         self.count = outer * inner
+
+
+# Layouts of recent (shape, axis) pairs: a layout is immutable, and building one costs
+# ~1 us of a ~20 us small call.
+_LAYOUTS = {}
+_LAYOUTS_MAX = 256
+
+
+def _layout(shape, axis):
+    """_Layout(shape, axis), memoized for plain int axes (others are checked each time)."""
+    if type(axis) is not int:
+        return _Layout(shape, axis)
+    key = (shape, axis)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _Layout(shape, axis)  # raises for a bad axis: nothing is cached
+        if len(_LAYOUTS) >= _LAYOUTS_MAX:
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = layout
+    return layout
 
 
 def _kernel_ready(v):
@@ -93,17 +114,19 @@ def _kernel_ready(v):
 
 def _view3(a, layout):
     v = a.reshape(layout.shape3)  # a view whenever numpy can make one
-    if is_cupy_array(v):
+    if type(v) is not np.ndarray and is_cupy_array(v):
         return v  # the CUDA kernels take any strides
-    return v if _kernel_ready(v) else np.ascontiguousarray(v)
+    # a C-contiguous view (the common call) always has kernel strides: checked first
+    return v if v.flags.c_contiguous or _kernel_ready(v) else np.ascontiguousarray(v)
 
 
 def _check_channel_param(a, name, layout, like=None):
-    a = _as_array(a, like)
+    if type(a) is not np.ndarray:
+        a = _as_array(a, like)
     if not _is_float_dtype(a.dtype):
         raise TypeError(f"{name} must be a floating array ({_DTYPES_TEXT}), got: "
                         f"{name}.dtype={a.dtype}")
-    if a.shape != (layout.C,):
+    if a.shape != layout.channel_shape:
         raise ValueError(f"{name} must have shape ({layout.C},) to match the {layout.C} "
                          f"channels of x along axis={layout.axis}, got: {name}.shape={a.shape}")
     return a.astype(_F64)
@@ -118,13 +141,13 @@ def _writeable(a):
 
 
 def _check_running(a, name, layout):
-    if not _is_array(a):
+    if type(a) is not np.ndarray and not _is_array(a):
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got: "
                         f"{type(a).__name__}")
     if not _is_float_dtype(a.dtype):
         raise TypeError(f"{name} must be a floating array ({_DTYPES_TEXT}), got: "
                         f"{name}.dtype={a.dtype}")
-    if a.shape != (layout.C,):
+    if a.shape != layout.channel_shape:
         raise ValueError(f"{name} must have shape ({layout.C},) to match the {layout.C} "
                          f"channels of x along axis={layout.axis}, got: {name}.shape={a.shape}")
     if not _writeable(a):
@@ -177,7 +200,7 @@ def _output(out, name, layout, dtype, inputs3):
     The kernels write `out` directly when they can: its 3-D view exists without a copy,
     has kernel strides, and aliases no input except as the very same view (an in-place
     call such as out=x is safe: a channel's reduction finishes before it is written)."""
-    xp = _xp_for(inputs3[0])
+    xp = np if type(inputs3[0]) is np.ndarray else _xp_for(inputs3[0])
     if out is None:
         y = xp.empty(layout.shape, dtype)
         return y, y.reshape(layout.shape3), None
@@ -269,7 +292,7 @@ def _welford(x, axis):
     if name == "dask":
         return backend.welford(x, axis), x.dtype
     x = _check_data(x, "x")
-    layout = _Layout(x.shape, axis)
+    layout = _layout(x.shape, axis)
     count, mean, m2 = backend.moments(_view3(x, layout))
     return Moments(count, mean, m2), x.dtype
 
@@ -321,7 +344,7 @@ def _train(backend, x, weight, bias, running_mean, running_var, momentum, eps, a
            activation, residual):
     """Shared body of training-mode batch_norm and batch_norm_forward."""
     x = _check_data(x, "x")
-    layout = _Layout(x.shape, axis)
+    layout = _layout(x.shape, axis)
     relu = _check_activation(activation)
     res3 = None if residual is None else _check_like(residual, "residual", x, layout)
     _check_running_pair(running_mean, running_var, layout)
@@ -414,7 +437,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
         return _train(backend, x, weight, bias, running_mean, running_var, momentum, eps,
                       axis, out, activation, residual)[0]
     x = _check_data(x, "x")
-    layout = _Layout(x.shape, axis)
+    layout = _layout(x.shape, axis)
     relu = _check_activation(activation)
     res3 = None if residual is None else _check_like(residual, "residual", x, layout)
     if running_mean is None or running_var is None:
@@ -563,7 +586,7 @@ def _check_backward_data(dy, x, axis, activation, y):
                         "by moments, welford, batch_norm, batch_norm_forward and normalize")
     x = _check_data(x, "x")
     dy = _check_data(dy, "dy")
-    layout = _Layout(x.shape, axis)
+    layout = _layout(x.shape, axis)
     dy3 = _check_like(dy, "dy", x, layout)
     y3 = _activation_inputs(activation, y, x, layout)
     return x, dy3, _view3(x, layout), layout, y3
@@ -630,7 +653,7 @@ def normalize(x, mean, invstd, weight=None, bias=None, *, axis=1, out=None, acti
                                  None if bias is None else _check_channel_param(bias, "bias", layout),
                                  layout, activation, residual)
     x = _check_data(x, "x")
-    layout = _Layout(x.shape, axis)
+    layout = _layout(x.shape, axis)
     relu = _check_activation(activation)
     res3 = None if residual is None else _check_like(residual, "residual", x, layout)
     mean = _check_channel_param(mean, "mean", layout, x)

@@ -50,5 +50,13 @@ def get_num_threads():
     """
     if _num_threads is not None:
         return _num_threads
-    from . import _bn_cpu
-    return max(1, _bn_cpu.max_threads())
+    return max(1, _omp_max_threads())
+
+
+def _omp_max_threads():
+    # the compiled core, imported on first use and kept (an import statement per call
+    # cost ~1 us of a ~20 us small call)
+    global _omp_max_threads
+    from ._bn_cpu import max_threads
+    _omp_max_threads = max_threads
+    return max_threads()

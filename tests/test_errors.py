@@ -64,6 +64,22 @@ def test_bad_training_input(xp, api, desc, override, exc, fragment):
     _assert_untouched(rm, rv)
 
 
+def test_memoized_layouts_still_check_the_axis():
+    """Layouts are memoized per (shape, axis): after good calls with one shape, a bad axis
+    for it still raises, a NumPy integer axis still works, and a second shape with the
+    same axis gets its own channels."""
+    x, rm, rv = _state()
+    fbn.batch_norm(x, rm, rv, training=True)
+    for bad, exc in ((3, ValueError), (-4, ValueError), (1.0, TypeError), ("1", TypeError)):
+        with pytest.raises(exc, match="axis"):
+            fbn.batch_norm(x, rm, rv, training=True, axis=bad)
+    y = fbn.batch_norm(x, rm, rv, training=True, axis=np.int64(1))
+    np.testing.assert_array_equal(y, fbn.batch_norm(x, rm, rv, training=True, axis=1))
+    x2 = np.ones((4, 2 * C, 5), np.float32)
+    assert fbn.moments(x2, 1)[0].shape == (2 * C,)
+    assert fbn.moments(x, 1)[0].shape == (C,)
+
+
 def test_read_only_running_stats_change_nothing():
     x, rm, rv = _state()
     rv.flags.writeable = False
