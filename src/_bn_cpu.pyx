@@ -91,7 +91,8 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     void expand_to_columns(idx C, idx group, const double* v, double* out)
 
     Moments chunk_moments_nc[T](const T* xc, idx so, Span s)
-    Moments channel_moments_nc[T](const T* xc, idx so, NCGrid g)
+    void channel_range_moments_nc[T](const T* x, idx so, idx sc, NCGrid g, idx c0, idx c1,
+                                     double* counts, double* mean, double* m2, double* chunk)
     void normalize_nc[T](const T* xc, T* yc, idx sox, idx soy, Span s, double mean,
                          double scale, double shift, Epilogue e, idx c)
     Moments train_forward_channel_nc[T](const T* xc, T* yc, idx sox, idx soy, NCGrid g,
@@ -224,14 +225,17 @@ cdef inline idx _stride(cnp.ndarray a, int axis):
 cdef void _moments_nc(const data_t* x, idx so, idx sc, NCGrid g, idx C, double* counts,
                       double* mean, double* m2, double* parts, int n_threads) noexcept nogil:
     # IN x (outer, C, inner); OUT counts, mean, m2 (C,); parts: 3*C*n_chunks scratch
-    cdef idx c, k, w
+    # (at least 3*C)
+    cdef idx c, k, w, lo, hi
+    cdef int t
     cdef Moments m
     if not _split_channels(C, g.n_chunks, n_threads):
-        for c in prange(C, schedule='static', num_threads=n_threads):
-            m = channel_moments_nc(x + c * sc, so, g)
-            counts[c] = m.n
-            mean[c] = m.mean
-            m2[c] = m.m2
+        # each thread a range of channels, walked in memory order (chunk partials in parts)
+        for t in prange(n_threads, schedule='static', num_threads=n_threads):
+            _static_block(C, n_threads, t, &lo, &hi)
+            if lo < hi:
+                channel_range_moments_nc(x, so, sc, g, lo, hi, counts + lo, mean + lo, m2 + lo,
+                                         parts + 3 * lo)
         return
     for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
         m = chunk_moments_nc(x + (w // g.n_chunks) * sc, so, nc_chunk(g, w % g.n_chunks))

@@ -416,6 +416,52 @@ template <class T> FASTBN_CLONES Moments chunk_moments_nc(const T* xc, idx so, S
     return chunk_moments_nc_impl(xc, so, s);
 }
 
+// Moments of channels [c0, c1) walking memory in order: chunk by chunk, each of its rows
+// (short rows: each block's group of rows) for every channel of the range in turn, so
+// that a thread streams through contiguous memory where the per-channel walk jumped a
+// channel's length at every row and the hardware prefetcher restarted there. Measured
+// (C++ harness, cold, 2 threads, float32, one variant per process): (32,64,56,56)
+// 1.08-1.17 -> 0.84-0.98 ms; in one process (32,256,14,14) 0.40 -> 0.31 ms, (128,512,7,7)
+// 1.07 -> 0.79 ms. Every channel merges the same blocks as chunk_moments_nc in the same
+// order and folds its chunk partials in chunk order, as the split path does: the same bits.
+// OUT counts, mean, m2: (c1 - c0,); chunk: 3 * (c1 - c0) doubles of scratch.
+template <class T>
+FASTBN_CLONES void channel_range_moments_nc(const T* x, idx so, idx sc, NCGrid g, idx c0, idx c1,
+                                            double* counts, double* mean, double* m2, double* chunk) {
+    const idx nch = c1 - c0;
+    Moments* part = reinterpret_cast<Moments*>(chunk);
+    for (idx c = 0; c < nch; ++c) { counts[c] = 0; mean[c] = 0; m2[c] = 0; }
+    for (idx k = 0; k < g.n_chunks; ++k) {
+        const Span s = nc_chunk(g, k);
+        const idx len = s.i1 - s.i0;
+        for (idx c = 0; c < nch; ++c) part[c] = Moments{0, 0, 0};
+        if (len >= BLOCK) {
+            for (idx r = s.r0; r < s.r1; ++r)
+                for (idx c = 0; c < nch; ++c) {
+                    const T* row = x + (c0 + c) * sc + r * so;
+                    for (idx i = s.i0; i < s.i1; i += BLOCK)
+                        merge_block(part[c], row, so, 1, i, i + BLOCK < s.i1 ? i + BLOCK : s.i1);
+                }
+        } else {
+            const idx rows_per_block = BLOCK / len;
+            for (idx r = s.r0; r < s.r1; r += rows_per_block) {
+                const idx n = r + rows_per_block < s.r1 ? rows_per_block : s.r1 - r;
+                for (idx c = 0; c < nch; ++c) {
+                    // the next channel's group of rows: n short rows far apart, which the
+                    // hardware prefetcher follows badly
+                    if (c + 1 < nch) prefetch_rows(x + (c0 + c + 1) * sc + r * so, so, n, s.i0, s.i1);
+                    merge_block(part[c], x + (c0 + c) * sc + r * so, so, n, s.i0, s.i1);
+                }
+            }
+        }
+        for (idx c = 0; c < nch; ++c) {
+            Moments t = {counts[c], mean[c], m2[c]};
+            merge_into(t, part[c].n, part[c].mean, part[c].m2);
+            counts[c] = t.n; mean[c] = t.mean; m2[c] = t.m2;
+        }
+    }
+}
+
 // 1/sqrt(var + eps) with var = m2/n; the one expression every path uses.
 FASTBN_INLINE double invstd_of(double n, double m2, double eps) { return 1.0 / std::sqrt(m2 / n + eps); }
 
@@ -432,16 +478,6 @@ FASTBN_CLONES void finalize_channels(idx C, const double* count, idx count_step,
     }
     if (scale)
         for (idx c = 0; c < C; ++c) scale[c] = weight[c] * invstd[c];
-}
-
-// The whole channel: chunk partials folded in chunk order.
-template <class T> FASTBN_CLONES Moments channel_moments_nc(const T* xc, idx so, NCGrid g) {
-    Moments m = {0, 0, 0};
-    for (idx k = 0; k < g.n_chunks; ++k) {
-        Moments p = chunk_moments_nc_impl(xc, so, nc_chunk(g, k));
-        merge_into(m, p.n, p.mean, p.m2);
-    }
-    return m;
 }
 
 // ---------------------------------------------------------------- fused epilogues
