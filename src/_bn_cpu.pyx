@@ -28,6 +28,7 @@ ctypedef Py_ssize_t idx
 
 
 cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
+    const char* half_conversion_name()
     ctypedef struct Epilogue:
         const void* res
         idx res_so
@@ -134,6 +135,12 @@ ctypedef fused data_t:
 def openmp_enabled():
     """True when the extension was compiled with OpenMP."""
     return bool(FASTBN_OPENMP_ENABLED)
+
+
+def half_conversion():
+    """The float16 <-> float conversions in use: 'avx512', 'f16c' or 'plain' (the widest
+    the CPU has, capped by FASTBN_HALF_CONVERSION=plain|f16c)."""
+    return half_conversion_name().decode()
 
 
 def max_threads():

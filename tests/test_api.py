@@ -4,10 +4,15 @@ views and out= buffers -- on every array namespace of the `xp` fixture (conftest
 (the CPU core), the CuPy stand-in over the emulated CUDA kernels, and the real CuPy
 whenever it sees a GPU. Inputs are made on the host, moved with xp.asarray; results come
 back with xp.asnumpy and are checked on the host."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import fastbn as fbn
+from fastbn import _bn_cpu
 from conftest import DTYPES, assert_data_close, make_data, reference, stat_rtol
 
 # (shape, axis): small odd sizes, the channels-last (inner == 1) path, shapes with several
@@ -452,6 +457,50 @@ def test_float16_conversions_are_exact_for_every_value(xp):
                 expected = (h.astype(np.float32) * np.float32(scale)).astype(np.float16)
             assert np.array_equal(y[~nan], expected[~nan]), scale
             assert np.isnan(y[nan]).all()
+
+
+_CAPPED_HALF_CHECK = """
+import numpy as np, fastbn as fbn
+from fastbn import _bn_cpu
+cap = {cap!r}
+used = _bn_cpu.half_conversion()
+assert used == "plain" if cap == "plain" else used in ("f16c", "plain"), used
+h = np.arange(65536, dtype=np.uint16).view(np.float16)
+nan = np.isnan(h)
+for x in (h.reshape(-1, 1), h.reshape(1, 1, -1)):
+    for scale in (1.0, 1.0 + 2.0 ** -11, 0.7, 3.1e4, 1e-5):
+        y = fbn.normalize(x, np.zeros(1), np.full(1, scale)).ravel()
+        with np.errstate(invalid="ignore", over="ignore"):
+            expected = (h.astype(np.float32) * np.float32(scale)).astype(np.float16)
+        assert np.array_equal(y[~nan], expected[~nan]) and np.isnan(y[nan]).all(), scale
+rng = np.random.default_rng(5)
+for shape, axis in (((3, 5, 1300), 1), ((700, 6), -1), ((41, 600), 1)):
+    x = (rng.standard_normal(shape) + 0.3).astype(np.float16)
+    dy = rng.standard_normal(shape).astype(np.float16)
+    y, mean, invstd = fbn.batch_norm_forward(x, axis=axis)
+    y32, mean32, invstd32 = fbn.batch_norm_forward(x.astype(np.float32), axis=axis)
+    assert np.array_equal(y, y32.astype(np.float16)) and np.array_equal(mean, mean32)
+    dx = fbn.batch_norm_backward(dy, x, mean, invstd, axis=axis)[0]
+    dx32 = fbn.batch_norm_backward(dy.astype(np.float32), x.astype(np.float32), mean32,
+                                   invstd32, axis=axis)[0]
+    assert np.array_equal(dx, dx32.astype(np.float16))
+print(used)
+"""
+
+
+def test_float16_conversions_in_use_are_known():
+    assert _bn_cpu.half_conversion() in ("avx512", "f16c", "plain")
+
+
+@pytest.mark.parametrize("cap", ["f16c", "plain"])
+def test_float16_narrower_conversions_are_exact(cap, tmp_path):
+    """The float16 conversions a CPU without AVX-512 (8-wide F16C) or without F16C
+    (branch-free) runs, on this machine: a process capped by FASTBN_HALF_CONVERSION checks
+    every bit pattern and float16 training forward/backward against float32 rounded once."""
+    env = dict(os.environ, FASTBN_HALF_CONVERSION=cap)
+    done = subprocess.run([sys.executable, "-c", _CAPPED_HALF_CHECK.format(cap=cap)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("shape,axis", [((3, 5, 1300), 1), ((2, 3, 4, 5), 1), ((700, 6), -1),
