@@ -782,10 +782,26 @@ FASTBN_INLINE void sums_half(const half* g, const half* x, const half* y, idx n,
 // Sums over `rows` rows (strides sg, sx, sy) of n elements: the full LANES-groups of
 // every row, then the rows' tails, so that the accumulators stay in registers across
 // short rows (as in merge_block).
+// stream_ahead (one long row): a piece of STREAM_PIECE elements at a time, each asking
+// for the bytes STATS_PREFETCH_AHEAD past it, as merge_block does (the same bits).
 template <class T, bool MASK>
 FASTBN_INLINE void sums_rows(const T* g, const T* x, const T* y, idx sg, idx sx, idx sy, idx rows, idx n,
-                             double mean, double* a1, double* a2) {
+                             double mean, double* a1, double* a2, bool stream_ahead = false) {
     const idx full = n - n % LANES;
+    if (!is_half<T>() && stream_ahead && rows == 1) {
+        for (idx i = 0; i < full; i += STREAM_PIECE) {
+            for (idx b = 0; b < STREAM_PIECE * (idx)sizeof(T); b += 64) {
+                __builtin_prefetch((const char*)(g + i) + STATS_PREFETCH_AHEAD + b, 0, 3);
+                __builtin_prefetch((const char*)(x + i) + STATS_PREFETCH_AHEAD + b, 0, 3);
+                if (MASK) __builtin_prefetch((const char*)(y + i) + STATS_PREFETCH_AHEAD + b, 0, 3);
+            }
+            const idx m = full - i < STREAM_PIECE ? full - i : STREAM_PIECE;
+            if constexpr (!is_half<T>()) sums_full<T, MASK>(g + i, x + i, MASK ? y + i : y, m, mean, a1, a2);
+        }
+        if constexpr (!is_half<T>())
+            if (full < n) sums_tail<T, MASK>(g + full, x + full, MASK ? y + full : y, n - full, mean, a1, a2);
+        return;
+    }
     for (idx r = 0; r < rows; ++r) {
         const T* yr = MASK ? y + r * sy : (const T*)0;
         if constexpr (is_half<T>()) sums_half<MASK, true>(g + r * sg, x + r * sx, yr, full, mean, a1, a2);
@@ -828,7 +844,7 @@ FASTBN_INLINE Sums chunk_sums_span(const T* dyc, const T* xc, const T* yc, idx s
                 continue;
             }
         }
-        sums_rows<T, MASK>(g, x, y, sody, sox, soy, rows, n, mean, a1, a2);
+        sums_rows<T, MASK>(g, x, y, sody, sox, soy, rows, n, mean, a1, a2, n >= BLOCK);
     }
     Sums out = {lane_total(a1), lane_total(a2)};
     return out;
