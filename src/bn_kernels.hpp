@@ -326,14 +326,17 @@ FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0,
     {
         const double K = to_double(x[i0]);
         double s1[LANES] = {}, s2[LANES] = {};
-        if (stream_ahead && rows == 1) {
-            // a piece of the row at a time, each asking for the bytes STATS_PREFETCH_AHEAD
+        if (stream_ahead) {
+            // a piece of a row at a time, each asking for the bytes STATS_PREFETCH_AHEAD
             // past it: the same lanes and order (the same bits)
-            const T* row = x + i0;
-            for (idx i = 0; i < full; i += STREAM_PIECE) {
-                const char* ahead = (const char*)(row + i) + STATS_PREFETCH_AHEAD;
-                for (idx b = 0; b < STREAM_PIECE * (idx)sizeof(T); b += 64) __builtin_prefetch(ahead + b, 0, 3);
-                add_shifted_full(row + i, full - i < STREAM_PIECE ? full - i : STREAM_PIECE, K, s1, s2);
+            for (idx r = 0; r < rows; ++r) {
+                const T* row = x + r * so + i0;
+                for (idx i = 0; i < full; i += STREAM_PIECE) {
+                    const idx m = full - i < STREAM_PIECE ? full - i : STREAM_PIECE;
+                    const char* ahead = (const char*)(row + i) + STATS_PREFETCH_AHEAD;
+                    for (idx b = 0; b < m * (idx)sizeof(T); b += 64) __builtin_prefetch(ahead + b, 0, 3);
+                    add_shifted_full(row + i, m, K, s1, s2);
+                }
             }
         } else {
             for (idx r = 0; r < rows; ++r) add_shifted_full(x + r * so + i0, full, K, s1, s2);
@@ -480,9 +483,11 @@ template <class T> FASTBN_CLONES Moments chunk_moments_nc(const T* xc, idx so, S
 // channel's length at every row and the hardware prefetcher restarted there. Measured
 // (C++ harness, cold, 2 threads, float32, one variant per process): (32,64,56,56)
 // 1.08-1.17 -> 0.84-0.98 ms; in one process (32,256,14,14) 0.40 -> 0.31 ms, (128,512,7,7)
-// 1.07 -> 0.79 ms. Long rows are reduced a piece at a time, each piece asking for the
-// bytes 4 KB past it (merge_block's stream_ahead): (32,64,56,56) 0.81-1.10 -> 0.68-0.76 ms
-// in the harness. Every channel merges the same blocks as chunk_moments_nc in the same
+// 1.07 -> 0.79 ms. Rows are reduced a piece at a time, each piece asking for the bytes
+// 4 KB past it (merge_block's stream_ahead; in memory order that is what comes next):
+// (32,64,56,56) 0.81-1.10 -> 0.68-0.76 ms in the harness; from Python, cold, 2 threads,
+// instead of asking for the next channel's group of short rows at once, (32,128,28,28)
+// 0.41-0.54 -> 0.34-0.37 ms, (32,256,14,14) 0.25-0.33 -> 0.21-0.24 ms. Every channel merges the same blocks as chunk_moments_nc in the same
 // order and folds its chunk partials in chunk order, as the split path does: the same bits.
 // OUT counts, mean, m2: (c1 - c0,); chunk: 3 * (c1 - c0) doubles of scratch.
 template <class T>
@@ -506,12 +511,7 @@ FASTBN_CLONES void channel_range_moments_nc(const T* x, idx so, idx sc, NCGrid g
             const idx rows_per_block = BLOCK / len;
             for (idx r = s.r0; r < s.r1; r += rows_per_block) {
                 const idx n = r + rows_per_block < s.r1 ? rows_per_block : s.r1 - r;
-                for (idx c = 0; c < nch; ++c) {
-                    // the next channel's group of rows: n short rows far apart, which the
-                    // hardware prefetcher follows badly
-                    if (c + 1 < nch) prefetch_rows(x + (c0 + c + 1) * sc + r * so, so, n, s.i0, s.i1);
-                    merge_block(part[c], x + (c0 + c) * sc + r * so, so, n, s.i0, s.i1);
-                }
+                for (idx c = 0; c < nch; ++c) merge_block(part[c], x + (c0 + c) * sc + r * so, so, n, s.i0, s.i1, true);
             }
         }
         for (idx c = 0; c < nch; ++c) {
