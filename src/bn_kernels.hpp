@@ -298,7 +298,9 @@ FASTBN_INLINE void add_shifted_tail(const T* p, idx n, double K, double* s1, dou
     }
 }
 
-// Moments of rows x rows [i0, i1) while the block is in L1.
+// Moments of rows x rows [i0, i1) while the block is in L1. stream_ahead: each row is
+// reduced a piece of STREAM_PIECE elements at a time, each piece asking for the bytes
+// STATS_PREFETCH_AHEAD past it (float16 blocks, converted whole first, are not streamed).
 template <class T>
 FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0, idx i1,
                                bool stream_ahead = false) {
@@ -332,10 +334,10 @@ FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0,
             for (idx r = 0; r < rows; ++r) {
                 const T* row = x + r * so + i0;
                 for (idx i = 0; i < full; i += STREAM_PIECE) {
-                    const idx m = full - i < STREAM_PIECE ? full - i : STREAM_PIECE;
+                    const idx len = full - i < STREAM_PIECE ? full - i : STREAM_PIECE;
                     const char* ahead = (const char*)(row + i) + STATS_PREFETCH_AHEAD;
-                    for (idx b = 0; b < m * (idx)sizeof(T); b += 64) __builtin_prefetch(ahead + b, 0, 3);
-                    add_shifted_full(row + i, m, K, s1, s2);
+                    for (idx b = 0; b < len * (idx)sizeof(T); b += 64) __builtin_prefetch(ahead + b, 0, 3);
+                    add_shifted_full(row + i, len, K, s1, s2);
                 }
             }
         } else {
@@ -456,7 +458,10 @@ template <class T> FASTBN_INLINE Moments chunk_moments_nc_impl(const T* xc, idx 
         for (idx r = s.r0; r < s.r1; ++r)
             for (idx i = s.i0; i < s.i1; i += BLOCK) {
                 idx e = i + BLOCK < s.i1 ? i + BLOCK : s.i1;
-                if (e >= s.i1 && r + 1 < s.r1) prefetch_rows(xc + (r + 1) * so, so, 1, s.i0, s.i0 + BLOCK);
+                // float16 blocks are converted whole before they are reduced (merge_block
+                // does not stream them): they keep asking for the next block at once
+                if (is_half<T>() && e < s.i1) prefetch_rows(xc + r * so, so, 1, e, e + BLOCK < s.i1 ? e + BLOCK : s.i1);
+                else if (e >= s.i1 && r + 1 < s.r1) prefetch_rows(xc + (r + 1) * so, so, 1, s.i0, s.i0 + BLOCK);
                 merge_block(m, xc + r * so, so, 1, i, e, true);
             }
     } else {
