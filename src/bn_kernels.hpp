@@ -65,6 +65,12 @@ static const idx BLOCK = 2048;
 // STREAM_PIECE elements at a time (see merge_block, chunk_moments_nlc).
 static const idx STATS_PREFETCH_AHEAD = 4096;
 static const idx STREAM_PIECE = 512;
+
+// Ask for the `bytes` bytes that start STATS_PREFETCH_AHEAD past p (a streamed piece).
+FASTBN_INLINE void prefetch_past(const void* p, idx bytes) {
+    const char* ahead = (const char*)p + STATS_PREFETCH_AHEAD;
+    for (idx b = 0; b < bytes; b += 64) __builtin_prefetch(ahead + b, 0, 3);
+}
 static const idx CHUNK = 32768;
 static const int LANES = 32;
 
@@ -143,17 +149,13 @@ __attribute__((target("avx512f,avx2,f16c"))) inline void half_to_float_avx512(co
     idx i = 0;
     for (; i + 16 <= n; i += 16)
         _mm512_storeu_ps(d + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(s + i))));
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(s + i))));
-    for (; i < n; ++i) d[i] = half_to_float(s[i].bits);
+    half_to_float_f16c(s + i, d + i, n - i);  // the remainder, 8 at a time
 }
 __attribute__((target("avx512f,avx2,f16c"))) inline void float_to_half_avx512(const float* s, half* d, idx n) {
     idx i = 0;
     for (; i + 16 <= n; i += 16)
         _mm256_storeu_si256((__m256i*)(d + i), _mm512_cvtps_ph(_mm512_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i*)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
-    for (; i < n; ++i) d[i].bits = float_to_half(s[i]);
+    float_to_half_f16c(s + i, d + i, n - i);  // the remainder, 8 at a time
 }
 #endif
 
@@ -335,8 +337,7 @@ FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0,
                 const T* row = x + r * so + i0;
                 for (idx i = 0; i < full; i += STREAM_PIECE) {
                     const idx len = full - i < STREAM_PIECE ? full - i : STREAM_PIECE;
-                    const char* ahead = (const char*)(row + i) + STATS_PREFETCH_AHEAD;
-                    for (idx b = 0; b < len * (idx)sizeof(T); b += 64) __builtin_prefetch(ahead + b, 0, 3);
+                    prefetch_past(row + i, len * (idx)sizeof(T));
                     add_shifted_full(row + i, len, K, s1, s2);
                 }
             }
@@ -793,19 +794,18 @@ template <class T, bool MASK>
 FASTBN_INLINE void sums_rows(const T* g, const T* x, const T* y, idx sg, idx sx, idx sy, idx rows, idx n,
                              double mean, double* a1, double* a2, bool stream_ahead = false) {
     const idx full = n - n % LANES;
-    if (!is_half<T>() && stream_ahead && rows == 1) {
-        for (idx i = 0; i < full; i += STREAM_PIECE) {
-            for (idx b = 0; b < STREAM_PIECE * (idx)sizeof(T); b += 64) {
-                __builtin_prefetch((const char*)(g + i) + STATS_PREFETCH_AHEAD + b, 0, 3);
-                __builtin_prefetch((const char*)(x + i) + STATS_PREFETCH_AHEAD + b, 0, 3);
-                if (MASK) __builtin_prefetch((const char*)(y + i) + STATS_PREFETCH_AHEAD + b, 0, 3);
+    if constexpr (!is_half<T>()) {
+        if (stream_ahead && rows == 1) {
+            for (idx i = 0; i < full; i += STREAM_PIECE) {
+                const idx len = full - i < STREAM_PIECE ? full - i : STREAM_PIECE;
+                prefetch_past(g + i, len * (idx)sizeof(T));
+                prefetch_past(x + i, len * (idx)sizeof(T));
+                if (MASK) prefetch_past(y + i, len * (idx)sizeof(T));
+                sums_full<T, MASK>(g + i, x + i, MASK ? y + i : y, len, mean, a1, a2);
             }
-            const idx m = full - i < STREAM_PIECE ? full - i : STREAM_PIECE;
-            if constexpr (!is_half<T>()) sums_full<T, MASK>(g + i, x + i, MASK ? y + i : y, m, mean, a1, a2);
-        }
-        if constexpr (!is_half<T>())
             if (full < n) sums_tail<T, MASK>(g + full, x + full, MASK ? y + full : y, n - full, mean, a1, a2);
-        return;
+            return;
+        }
     }
     for (idx r = 0; r < rows; ++r) {
         const T* yr = MASK ? y + r * sy : (const T*)0;
