@@ -381,10 +381,12 @@ cdef inline idx _prefetch_channels_end(idx C, idx inner, size_t itemsize) noexce
     # cache when c + 1 < this. Only for rows under 4 KB, which the hardware prefetcher
     # follows badly (far apart, short): (128,512,7,7) float32, 2 threads: backward 2.3 ->
     # 1.9 ms, training 2.0 -> 1.8 ms; (32,128,28,28): -8% / -10%; with 12.5 KB rows
-    # (56x56) it made no difference, and 1 thread was slower by as much. Half-precision
-    # rows up to 8 KB (more arithmetic per byte): (32,64,56,56) float16 backward -10%,
-    # where float64 rows of the same 6 KB were 4-7% slower.
-    cdef idx limit = 8192 if itemsize <= 2 else 4096
+    # (56x56) it made no difference, and 1 thread was slower by as much. Longer rows,
+    # float16 ones included, stream ahead within their reduction pass instead (merge_block,
+    # sums_rows): asking for a whole 6 KB-row float16 channel during the apply pass left
+    # memory idle through the sums pass (cold (32,64,56,56) float16, 2 threads: backward
+    # 1.70-1.86 -> 1.22-1.23 ms, training forward 0.93-0.99 -> 0.89-0.90 ms).
+    cdef idx limit = 4096
     return C if inner * <idx> itemsize < limit else 0
 
 

@@ -300,9 +300,9 @@ FASTBN_INLINE void add_shifted_tail(const T* p, idx n, double K, double* s1, dou
     }
 }
 
-// Moments of rows x rows [i0, i1) while the block is in L1. stream_ahead: each row is
-// reduced a piece of STREAM_PIECE elements at a time, each piece asking for the bytes
-// STATS_PREFETCH_AHEAD past it (float16 blocks, converted whole first, are not streamed).
+// Moments of rows x rows [i0, i1) while the block is in L1. stream_ahead (one row): the
+// row is reduced (float16: converted) a piece of STREAM_PIECE elements at a time, each
+// piece asking for the bytes STATS_PREFETCH_AHEAD past it.
 template <class T>
 FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0, idx i1,
                                bool stream_ahead = false) {
@@ -312,7 +312,15 @@ FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0,
         alignas(64) float f[BLOCK];
         const HalfConverters& cv = half_converters();
         const idx n = i1 - i0;
-        for (idx r = 0; r < rows; ++r) cv.to_float(x + r * so + i0, f + r * n, n);
+        if (stream_ahead && rows == 1) {
+            for (idx i = 0; i < n; i += STREAM_PIECE) {
+                const idx len = n - i < STREAM_PIECE ? n - i : STREAM_PIECE;
+                prefetch_past(x + i0 + i, len * (idx)sizeof(T));
+                cv.to_float(x + i0 + i, f + i, len);
+            }
+        } else {
+            for (idx r = 0; r < rows; ++r) cv.to_float(x + r * so + i0, f + r * n, n);
+        }
         merge_block<float>(m, f, n, rows, 0, n);
         return;
     }
@@ -459,10 +467,7 @@ template <class T> FASTBN_INLINE Moments chunk_moments_nc_impl(const T* xc, idx 
         for (idx r = s.r0; r < s.r1; ++r)
             for (idx i = s.i0; i < s.i1; i += BLOCK) {
                 idx e = i + BLOCK < s.i1 ? i + BLOCK : s.i1;
-                // float16 blocks are converted whole before they are reduced (merge_block
-                // does not stream them): they keep asking for the next block at once
-                if (is_half<T>() && e < s.i1) prefetch_rows(xc + r * so, so, 1, e, e + BLOCK < s.i1 ? e + BLOCK : s.i1);
-                else if (e >= s.i1 && r + 1 < s.r1) prefetch_rows(xc + (r + 1) * so, so, 1, s.i0, s.i0 + BLOCK);
+                if (e >= s.i1 && r + 1 < s.r1) prefetch_rows(xc + (r + 1) * so, so, 1, s.i0, s.i0 + BLOCK);
                 merge_block(m, xc + r * so, so, 1, i, e, true);
             }
     } else {
@@ -769,14 +774,20 @@ FASTBN_INLINE void sums_tail(const T* g, const T* x, const T* y, idx n, double m
     }
 }
 
-// float16: pieces converted to float, the same lanes and order as float data.
+// float16: pieces converted to float, the same lanes and order as float data;
+// stream_ahead: each piece asks for the bytes STATS_PREFETCH_AHEAD past it (as sums_rows).
 template <bool MASK, bool FULL>
 FASTBN_INLINE void sums_half(const half* g, const half* x, const half* y, idx n, double mean, double* a1,
-                             double* a2) {
+                             double* a2, bool stream_ahead = false) {
     alignas(64) float gf[HALF_PIECE], xf[HALF_PIECE], yf[MASK ? HALF_PIECE : 1];
     const HalfConverters& cv = half_converters();
     for (idx i = 0; i < n; i += HALF_PIECE) {
         idx m = n - i < HALF_PIECE ? n - i : HALF_PIECE;
+        if (stream_ahead) {
+            prefetch_past(g + i, m * (idx)sizeof(half));
+            prefetch_past(x + i, m * (idx)sizeof(half));
+            if (MASK) prefetch_past(y + i, m * (idx)sizeof(half));
+        }
         cv.to_float(g + i, gf, m);
         cv.to_float(x + i, xf, m);
         if (MASK) cv.to_float(y + i, yf, m);
@@ -809,7 +820,7 @@ FASTBN_INLINE void sums_rows(const T* g, const T* x, const T* y, idx sg, idx sx,
     }
     for (idx r = 0; r < rows; ++r) {
         const T* yr = MASK ? y + r * sy : (const T*)0;
-        if constexpr (is_half<T>()) sums_half<MASK, true>(g + r * sg, x + r * sx, yr, full, mean, a1, a2);
+        if constexpr (is_half<T>()) sums_half<MASK, true>(g + r * sg, x + r * sx, yr, full, mean, a1, a2, stream_ahead && rows == 1);
         else sums_full<T, MASK>(g + r * sg, x + r * sx, yr, full, mean, a1, a2);
     }
     if (full < n)
