@@ -630,6 +630,19 @@ FASTBN_INLINE void write_row(T* out, idx n, bool stream, const Fill& fill) {
     }
 }
 
+// Four output rows (stride sr) of n values through L1 staging, streamed row by row:
+// fill(s0, s1, s2, s3, i, m) writes values [i, i + m) of the four rows to s0..s3.
+template <class T, class Fill>
+FASTBN_INLINE void stream_four_rows(T* out, idx sr, idx n, const Fill& fill) {
+    const idx B = STAGE_BYTES / 4 / (idx)sizeof(T);
+    alignas(64) T stage[4][STAGE_BYTES / 4 / sizeof(T)];
+    for (idx i = 0; i < n; i += B) {
+        const idx m = n - i < B ? n - i : B;
+        fill(stage[0], stage[1], stage[2], stage[3], i, m);
+        for (idx j = 0; j < 4; ++j) stream_copy(out + j * sr + i, stage[j], (size_t)m * sizeof(T));
+    }
+}
+
 // ---------------------------------------------------------------- nc elementwise
 // y = ((x - mean_hi) - mean_lo) * scale + shift, computed in the compute type.
 template <class T> struct Affine {
@@ -1410,14 +1423,9 @@ FASTBN_INLINE void normalize_four_rows_nlc(const T* x, idx srx, const T* res, id
 template <class T, bool RES, bool RELU>
 FASTBN_INLINE void normalize_four_rows_streamed(const T* x, T* y, idx srx, idx sry, const T* res, idx srr, idx C,
                                                 const void* buf) {
-    const idx B = STAGE_BYTES / 4 / (idx)sizeof(T);
-    alignas(64) T stage[4][STAGE_BYTES / 4 / sizeof(T)];
-    for (idx i = 0; i < C; i += B) {
-        const idx m = C - i < B ? C - i : B;
-        normalize_four_rows_nlc<T, RES, RELU>(x, srx, res, srr, stage[0], stage[1], stage[2], stage[3], C, buf,
-                                              i, m);
-        for (idx j = 0; j < 4; ++j) stream_copy(y + j * sry + i, stage[j], (size_t)m * sizeof(T));
-    }
+    stream_four_rows(y, sry, C, [&](T* s0, T* s1, T* s2, T* s3, idx c0, idx m) FASTBN_LAMBDA_INLINE {
+        normalize_four_rows_nlc<T, RES, RELU>(x, srx, res, srr, s0, s1, s2, s3, C, buf, c0, m);
+    });
 }
 
 template <class T>
@@ -1669,19 +1677,17 @@ FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx 
         // streamed dx: four rows at a time through L1 staging (see normalize_nlc); cold
         // (100352, 64) float32, 2 threads, called in turn in one process: 3.28-3.40 ->
         // 3.02-3.16 ms
-        const idx B = STAGE_BYTES / 4 / (idx)sizeof(T);
-        alignas(64) T stage[4][STAGE_BYTES / 4 / sizeof(T)];
         for (; r + 4 <= r1; r += 4) {
             for (idx j = 0; j < 4; ++j) {
                 prefetch_ahead_nlc(dy, srdy, C, r + j, r1, ahead);
                 prefetch_ahead_nlc(x, srx, C, r + j, r1, ahead);
             }
-            for (idx i = 0; i < C; i += B) {
-                const idx m = C - i < B ? C - i : B;
-                backward_four_rows_nlc(dy + r * srdy, srdy, x + r * srx, srx, stage[0], stage[1], stage[2],
-                                       stage[3], C, buf, i, m);
-                for (idx j = 0; j < 4; ++j) stream_copy(dx + (r + j) * srdx + i, stage[j], (size_t)m * sizeof(T));
-            }
+            const T* g = dy + r * srdy;
+            const T* xr = x + r * srx;
+            stream_four_rows(dx + r * srdx, srdx, C, [&](T* s0, T* s1, T* s2, T* s3, idx c0, idx m)
+                                                         FASTBN_LAMBDA_INLINE {
+                backward_four_rows_nlc(g, srdy, xr, srx, s0, s1, s2, s3, C, buf, c0, m);
+            });
         }
     }
     for (; r < r1; ++r) {
