@@ -1428,6 +1428,25 @@ FASTBN_INLINE void normalize_four_rows_streamed(const T* x, T* y, idx srx, idx s
     });
 }
 
+// float16, four contiguous rows of at most HALF_PIECE / 4 channels: converted with one
+// call each way and computed by the float kernel (the arithmetic of normalize_row_nlc),
+// then streamed. Row by row, the conversion calls and loop set-ups of a few dozen
+// channels cost more than the arithmetic.
+template <bool RES, bool RELU>
+FASTBN_INLINE void normalize_four_rows_half_streamed(const half* x, half* y, const half* res, idx C,
+                                                     const void* buf) {
+    alignas(64) float xf[HALF_PIECE], yf[HALF_PIECE], rf[RES ? HALF_PIECE : 1];
+    alignas(64) half out[HALF_PIECE];
+    const HalfConverters& cv = half_converters();
+    const idx n = 4 * C;
+    cv.to_float(x, xf, n);
+    if (RES) cv.to_float(res, rf, n);
+    normalize_four_rows_nlc<float, RES, RELU>(xf, C, RES ? rf : xf, C, yf, yf + C, yf + 2 * C, yf + 3 * C, C, buf,
+                                              0, C);
+    cv.to_half(yf, out, n);
+    stream_copy(y, out, (size_t)n * sizeof(half));
+}
+
 template <class T>
 FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1, const void* buf,
                                  Epilogue e) {
@@ -1450,6 +1469,26 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
             } else {
                 if (e.relu) normalize_four_rows_streamed<T, false, true>(xr, yr, srx, sry, rr, 0, C, buf);
                 else normalize_four_rows_streamed<T, false, false>(xr, yr, srx, sry, rr, 0, C, buf);
+            }
+        }
+    }
+    if constexpr (is_half<T>()) {
+        if (e.stream && 4 * C <= HALF_PIECE && srx == C && sry == C && (!e.res || e.res_so == C)) {
+            for (; r + 4 <= r1; r += 4) {
+                for (idx j = 0; j < 4; ++j) {
+                    prefetch_ahead_nlc(x, srx, C, r + j, r1, ahead);
+                    prefetch_ahead_nlc((const T*)e.res, e.res_so, C, r + j, r1, ahead);
+                }
+                const half* xr = x + r * C;
+                half* yr = y + r * C;
+                const half* rr = e.res ? (const half*)e.res + r * C : (const half*)0;
+                if (rr) {
+                    if (e.relu) normalize_four_rows_half_streamed<true, true>(xr, yr, rr, C, buf);
+                    else normalize_four_rows_half_streamed<true, false>(xr, yr, rr, C, buf);
+                } else {
+                    if (e.relu) normalize_four_rows_half_streamed<false, true>(xr, yr, rr, C, buf);
+                    else normalize_four_rows_half_streamed<false, false>(xr, yr, rr, C, buf);
+                }
             }
         }
     }

@@ -585,23 +585,31 @@ def test_streaming_stores_give_the_same_bits(shape, axis, monkeypatch):
 @pytest.mark.parametrize("shape", [(3, 5, 1031), (2, 3, 4099), (1001, 7, 1), (203, 600, 1)],
                          ids=["rows", "long-rows", "channels-last", "channels-last-wide"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-def test_streamed_elementwise_kernel_gives_the_same_bits(shape, dtype):
+@pytest.mark.parametrize("epilogue", ["residual-relu", "plain"])
+def test_streamed_elementwise_kernel_gives_the_same_bits(shape, dtype, epilogue):
     """The compiled elementwise pass with streaming stores requested directly (the API
-    streams only training and backward outputs): the same bits as ordinary stores, with a
-    residual and ReLU, odd sizes and an unaligned start."""
+    streams only training and backward outputs): the same bits as ordinary stores, with
+    and without a residual and ReLU, odd sizes and an unaligned start."""
     from fastbn import _bn_cpu
     C = shape[1]
     buf = make_data((int(np.prod(shape)) + 1,), dtype, seed=23)
     x3 = buf[1:].reshape(shape)  # unaligned start
-    res3 = make_data(shape, dtype, seed=24)
+    fused = epilogue == "residual-relu"
+    res3 = make_data(shape, dtype, seed=24) if fused else None
     mean, scale, shift = np.linspace(-1, 1, C), np.linspace(0.5, 2, C), np.linspace(-2, 2, C)
     outs = []
     for stream in (False, True):
         y3 = np.empty(int(np.prod(shape)) + 3, dtype)[3:].reshape(shape)
-        _bn_cpu.normalize(x3, y3, mean, scale, shift, 2, res3, True, stream)
+        _bn_cpu.normalize(x3, y3, mean, scale, shift, 2, res3, fused, stream)
         outs.append(y3)
     np.testing.assert_array_equal(outs[0], outs[1])
-    assert np.any(outs[0] > 0) and np.all(outs[0] >= 0)
+    if fused:
+        assert np.any(outs[0] > 0) and np.all(outs[0] >= 0)
+    else:
+        expect = ((x3.astype(np.float64) - mean.reshape(1, C, 1)) * scale.reshape(1, C, 1)
+                  + shift.reshape(1, C, 1))
+        tol = {np.float16: 2e-2, np.float32: 1e-5, np.float64: 1e-12}[dtype]
+        np.testing.assert_allclose(outs[0].astype(np.float64), expect, rtol=tol, atol=tol * 4)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 1031), (1001, 7, 1), (203, 600, 1)],
