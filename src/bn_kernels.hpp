@@ -1706,6 +1706,20 @@ FASTBN_INLINE void backward_four_rows_nlc(const T* g, idx srg, const T* x, idx s
     }
 }
 
+// float16, four contiguous rows of at most HALF_PIECE / 4 channels (as
+// normalize_four_rows_half_streamed): dx of backward_four_rows_nlc, streamed.
+FASTBN_INLINE void backward_four_rows_half_streamed(const half* g, const half* x, half* dx, idx C, const void* buf) {
+    alignas(64) float gf[HALF_PIECE], xf[HALF_PIECE], df[HALF_PIECE];
+    alignas(64) half out[HALF_PIECE];
+    const HalfConverters& cv = half_converters();
+    const idx n = 4 * C;
+    cv.to_float(g, gf, n);
+    cv.to_float(x, xf, n);
+    backward_four_rows_nlc<float>(gf, C, xf, C, df, df + C, df + 2 * C, df + 3 * C, C, buf, 0, C);
+    cv.to_half(df, out, n);
+    stream_copy(dx, out, (size_t)n * sizeof(half));
+}
+
 // dx over rows [r0, r1); constants from prepare_channel_constants(mean, a, b, c).
 template <class T>
 FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx srdy, idx srx, idx srdx, idx C,
@@ -1727,6 +1741,18 @@ FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx 
                                                          FASTBN_LAMBDA_INLINE {
                 backward_four_rows_nlc(g, srdy, xr, srx, s0, s1, s2, s3, C, buf, c0, m);
             });
+        }
+    }
+    if constexpr (is_half<T>()) {
+        if (act.stream && !frozen && !act.y && !act.dres && 4 * C <= HALF_PIECE && srdy == C && srx == C &&
+            srdx == C) {
+            for (; r + 4 <= r1; r += 4) {
+                for (idx j = 0; j < 4; ++j) {
+                    prefetch_ahead_nlc(dy, srdy, C, r + j, r1, ahead);
+                    prefetch_ahead_nlc(x, srx, C, r + j, r1, ahead);
+                }
+                backward_four_rows_half_streamed(dy + r * C, x + r * C, dx + r * C, C, buf);
+            }
         }
     }
     for (; r < r1; ++r) {
