@@ -1452,23 +1452,25 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
                                  Epilogue e) {
     const RowsAhead ahead = RowsAhead::of<T>(C);
     idx r = r0;
-    if (!is_half<T>() && e.stream) {
-        // Cold (100352, 64) float32 training forward, 2 threads, the two builds called in
-        // turn in one process: 2.21-2.91 -> 1.61-2.54 ms (three runs, each faster)
-        for (; r + 4 <= r1; r += 4) {
-            for (idx j = 0; j < 4; ++j) {
-                prefetch_ahead_nlc(x, srx, C, r + j, r1, ahead);
-                prefetch_ahead_nlc((const T*)e.res, e.res_so, C, r + j, r1, ahead);
-            }
-            const T* xr = x + r * srx;
-            T* yr = y + r * sry;
-            const T* rr = e.res ? (const T*)e.res + r * e.res_so : (const T*)0;
-            if (rr) {
-                if (e.relu) normalize_four_rows_streamed<T, true, true>(xr, yr, srx, sry, rr, e.res_so, C, buf);
-                else normalize_four_rows_streamed<T, true, false>(xr, yr, srx, sry, rr, e.res_so, C, buf);
-            } else {
-                if (e.relu) normalize_four_rows_streamed<T, false, true>(xr, yr, srx, sry, rr, 0, C, buf);
-                else normalize_four_rows_streamed<T, false, false>(xr, yr, srx, sry, rr, 0, C, buf);
+    if constexpr (!is_half<T>()) {
+        if (e.stream) {
+            // Cold (100352, 64) float32 training forward, 2 threads, the two builds called in
+            // turn in one process: 2.21-2.91 -> 1.61-2.54 ms (three runs, each faster)
+            for (; r + 4 <= r1; r += 4) {
+                for (idx j = 0; j < 4; ++j) {
+                    prefetch_ahead_nlc(x, srx, C, r + j, r1, ahead);
+                    prefetch_ahead_nlc((const T*)e.res, e.res_so, C, r + j, r1, ahead);
+                }
+                const T* xr = x + r * srx;
+                T* yr = y + r * sry;
+                const T* rr = e.res ? (const T*)e.res + r * e.res_so : (const T*)0;
+                if (rr) {
+                    if (e.relu) normalize_four_rows_streamed<T, true, true>(xr, yr, srx, sry, rr, e.res_so, C, buf);
+                    else normalize_four_rows_streamed<T, true, false>(xr, yr, srx, sry, rr, e.res_so, C, buf);
+                } else {
+                    if (e.relu) normalize_four_rows_streamed<T, false, true>(xr, yr, srx, sry, rr, 0, C, buf);
+                    else normalize_four_rows_streamed<T, false, false>(xr, yr, srx, sry, rr, 0, C, buf);
+                }
             }
         }
     }
@@ -1726,21 +1728,23 @@ FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx 
                                             idx r0, idx r1, const void* buf, bool frozen, Activation act) {
     const RowsAhead ahead = RowsAhead::of<T>(C);
     idx r = r0;
-    if (!is_half<T>() && act.stream && !frozen && !act.y && !act.dres) {
-        // streamed dx: four rows at a time through L1 staging (see normalize_nlc); cold
-        // (100352, 64) float32, 2 threads, called in turn in one process: 3.28-3.40 ->
-        // 3.02-3.16 ms
-        for (; r + 4 <= r1; r += 4) {
-            for (idx j = 0; j < 4; ++j) {
-                prefetch_ahead_nlc(dy, srdy, C, r + j, r1, ahead);
-                prefetch_ahead_nlc(x, srx, C, r + j, r1, ahead);
+    if constexpr (!is_half<T>()) {
+        if (act.stream && !frozen && !act.y && !act.dres) {
+            // streamed dx: four rows at a time through L1 staging (see normalize_nlc); cold
+            // (100352, 64) float32, 2 threads, called in turn in one process: 3.28-3.40 ->
+            // 3.02-3.16 ms
+            for (; r + 4 <= r1; r += 4) {
+                for (idx j = 0; j < 4; ++j) {
+                    prefetch_ahead_nlc(dy, srdy, C, r + j, r1, ahead);
+                    prefetch_ahead_nlc(x, srx, C, r + j, r1, ahead);
+                }
+                const T* g = dy + r * srdy;
+                const T* xr = x + r * srx;
+                stream_four_rows(dx + r * srdx, srdx, C, [&](T* s0, T* s1, T* s2, T* s3, idx c0, idx m)
+                                                             FASTBN_LAMBDA_INLINE {
+                    backward_four_rows_nlc(g, srdy, xr, srx, s0, s1, s2, s3, C, buf, c0, m);
+                });
             }
-            const T* g = dy + r * srdy;
-            const T* xr = x + r * srx;
-            stream_four_rows(dx + r * srdx, srdx, C, [&](T* s0, T* s1, T* s2, T* s3, idx c0, idx m)
-                                                         FASTBN_LAMBDA_INLINE {
-                backward_four_rows_nlc(g, srdy, xr, srx, s0, s1, s2, s3, C, buf, c0, m);
-            });
         }
     }
     if constexpr (is_half<T>()) {
