@@ -157,11 +157,38 @@ __attribute__((target("avx512f,avx2,f16c"))) inline void float_to_half_avx512(co
         _mm256_storeu_si256((__m256i*)(d + i), _mm512_cvtps_ph(_mm512_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
     float_to_half_f16c(s + i, d + i, n - i);  // the remainder, 8 at a time
 }
+
+// The hottest float16 loops (NCHW backward sums and dx, elementwise forward) also have
+// AVX-512 twins that convert 16 values in registers instead of a piece through an L1
+// buffer: the conversion round trip was a third of float16 backward's time. They do the
+// float code's operations in the same order on the same lanes, so the same bits.
+#define FASTBN_AVX512_HALF __attribute__((target("avx512f,avx2,f16c")))
+FASTBN_AVX512_HALF FASTBN_INLINE __m512 load_half16(const half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+}
+FASTBN_AVX512_HALF FASTBN_INLINE void store_half16(half* p, __m512 v) {
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+// The low (h = 0) or high (h = 1) 8 floats of v, widened to double.
+FASTBN_AVX512_HALF FASTBN_INLINE __m512d widen_half_of(__m512 v, int h) {
+    __m256 part = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)) : _mm512_castps512_ps256(v);
+    return _mm512_cvtps_pd(part);
+}
+// Up to 16 float16 values of a row's end through the 16-wide loop body: copied to (and
+// from) a zero-padded block of 16.
+struct HalfTail {
+    alignas(32) half v[16];
+    HalfTail(const half* p, idx m) {
+        std::memset(v, 0, sizeof v);
+        if (p) std::memcpy(v, p, (size_t)m * sizeof(half));
+    }
+};
 #endif
 
 struct HalfConverters {
     void (*to_float)(const half*, float*, idx);
     void (*to_half)(const float*, half*, idx);
+    bool in_registers;  // the AVX-512 twins of the hottest loops (see load_half16)
 };
 
 // The widest the CPU has; FASTBN_HALF_CONVERSION=plain|f16c (read once) caps it, so that
@@ -174,12 +201,12 @@ inline HalfConverters pick_half_converters() {
     __builtin_cpu_init();
     const bool has_f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
     if (!plain && !f16c && has_f16c && __builtin_cpu_supports("avx512f"))
-        return HalfConverters{half_to_float_avx512, float_to_half_avx512};
+        return HalfConverters{half_to_float_avx512, float_to_half_avx512, true};
     if (!plain && has_f16c)
-        return HalfConverters{half_to_float_f16c, float_to_half_f16c};
+        return HalfConverters{half_to_float_f16c, float_to_half_f16c, false};
 #endif
     (void)f16c;
-    return HalfConverters{half_to_float_plain, float_to_half_plain};
+    return HalfConverters{half_to_float_plain, float_to_half_plain, false};
 }
 
 // chosen once (thread-safe static initialization)
@@ -300,6 +327,46 @@ FASTBN_INLINE void add_shifted_tail(const T* p, idx n, double K, double* s1, dou
     }
 }
 
+#if FASTBN_HAVE_F16C
+// add_shifted_full<float> on float16 data converted in registers (see load_half16), n a
+// multiple of LANES; stream_ahead: as merge_block's pieces.
+FASTBN_AVX512_HALF inline void add_shifted_half_in_registers(const half* p, idx n, double K, double* s1,
+                                                            double* s2, bool stream_ahead) {
+    __m512d a1[4], a2[4];
+    for (int q = 0; q < 4; ++q) {
+        a1[q] = _mm512_loadu_pd(s1 + 8 * q);
+        a2[q] = _mm512_loadu_pd(s2 + 8 * q);
+    }
+    const __m512d k = _mm512_set1_pd(K);
+    for (idx i = 0; i < n; i += LANES) {
+        if (stream_ahead && i % STREAM_PIECE == 0)
+            prefetch_past(p + i, (n - i < STREAM_PIECE ? n - i : STREAM_PIECE) * (idx)sizeof(half));
+        for (int h = 0; h < 2; ++h) {
+            const __m512 v = load_half16(p + i + 16 * h);
+            for (int q = 0; q < 2; ++q) {
+                const __m512d d = _mm512_sub_pd(widen_half_of(v, q), k);
+                a1[2 * h + q] = _mm512_add_pd(a1[2 * h + q], d);
+                a2[2 * h + q] = _mm512_add_pd(a2[2 * h + q], _mm512_mul_pd(d, d));
+            }
+        }
+    }
+    for (int q = 0; q < 4; ++q) {
+        _mm512_storeu_pd(s1 + 8 * q, a1[q]);
+        _mm512_storeu_pd(s2 + 8 * q, a2[q]);
+    }
+}
+#endif
+
+// The one-pass block moments from the lanes of the shifted sums (see merge_block): merged
+// into m, or false where the check fails (Inf/NaN) and the block needs two passes.
+FASTBN_INLINE bool merge_shifted_sums(Moments& m, const double* s1, const double* s2, double count, double K) {
+    const double S1 = lane_total(s1), S2 = lane_total(s2);
+    const double M2 = S2 - S1 * (S1 / count);
+    if (!(M2 >= S2 * 0x1p-20)) return false;
+    merge_into(m, count, K + S1 / count, M2);
+    return true;
+}
+
 // Moments of rows x rows [i0, i1) while the block is in L1. stream_ahead (one row): the
 // row is reduced (float16: converted) a piece of STREAM_PIECE elements at a time, each
 // piece asking for the bytes STATS_PREFETCH_AHEAD past it.
@@ -312,6 +379,18 @@ FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0,
         alignas(64) float f[BLOCK];
         const HalfConverters& cv = half_converters();
         const idx n = i1 - i0;
+#if FASTBN_HAVE_F16C
+        if (cv.in_registers) {  // the one pass below in registers; the two passes from f
+            const idx full = n - n % LANES;
+            const double K = to_double(x[i0]);
+            double s1[LANES] = {}, s2[LANES] = {};
+            for (idx r = 0; r < rows; ++r)
+                add_shifted_half_in_registers(x + r * so + i0, full, K, s1, s2, stream_ahead && rows == 1);
+            if (full < n)
+                for (idx r = 0; r < rows; ++r) add_shifted_tail(x + r * so + i0 + full, n - full, K, s1, s2);
+            if (merge_shifted_sums(m, s1, s2, (double)(rows * n), K)) return;
+        }
+#endif
         if (stream_ahead && rows == 1) {
             for (idx i = 0; i < n; i += STREAM_PIECE) {
                 const idx len = n - i < STREAM_PIECE ? n - i : STREAM_PIECE;
@@ -354,12 +433,7 @@ FASTBN_INLINE void merge_block(Moments& m, const T* x, idx so, idx rows, idx i0,
         }
         if (full < n)
             for (idx r = 0; r < rows; ++r) add_shifted_tail(x + r * so + i0 + full, n - full, K, s1, s2);
-        const double S1 = lane_total(s1), S2 = lane_total(s2);
-        const double M2 = S2 - S1 * (S1 / count);
-        if (M2 >= S2 * 0x1p-20) {
-            merge_into(m, count, K + S1 / count, M2);
-            return;
-        }
+        if (merge_shifted_sums(m, s1, s2, count, K)) return;
     }
     // Two passes. The full LANES-groups of every row first, then the rows' tails: the
     // accumulators stay in registers across rows (with a tail per row they were stored
@@ -660,6 +734,31 @@ template <class T> struct Affine {
     }
 };
 
+#if FASTBN_HAVE_F16C
+// normalize_row<float> on 16 float16 values converted in registers (see load_half16).
+template <bool RES, bool RELU>
+FASTBN_AVX512_HALF FASTBN_INLINE void normalize_half16(const half* x, half* y, const half* res, const Affine<float>& a) {
+    __m512 v = _mm512_sub_ps(_mm512_sub_ps(load_half16(x), _mm512_set1_ps(a.mean_hi)), _mm512_set1_ps(a.mean_lo));
+    v = _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(a.scale)), _mm512_set1_ps(a.shift));
+    if (RES) v = _mm512_add_ps(v, load_half16(res));
+    if (RELU) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps());
+    store_half16(y, v);
+}
+
+template <bool RES, bool RELU>
+FASTBN_AVX512_HALF void normalize_row_half_in_registers(const half* x, half* y, const half* res, idx n,
+                                                        const Affine<float>& a) {
+    idx i = 0;
+    for (; i + 16 <= n; i += 16) normalize_half16<RES, RELU>(x + i, y + i, RES ? res + i : res, a);
+    if (i < n) {
+        const idx m = n - i;
+        HalfTail tx(x + i, m), tres(RES ? res + i : nullptr, m), ty(nullptr, m);
+        normalize_half16<RES, RELU>(tx.v, ty.v, tres.v, a);
+        std::memcpy(y + i, ty.v, (size_t)m * sizeof(half));
+    }
+}
+#endif
+
 template <class T, bool RES, bool RELU>
 FASTBN_INLINE void normalize_row(const T* x, T* y, const T* res, idx i0, idx i1, const Affine<T>& a) {
     typedef typename compute_of<T>::type CT;
@@ -667,6 +766,12 @@ FASTBN_INLINE void normalize_row(const T* x, T* y, const T* res, idx i0, idx i1,
         alignas(64) float xf[HALF_PIECE], yf[HALF_PIECE], rf[RES ? HALF_PIECE : 1];
         const HalfConverters& cv = half_converters();
         const Affine<float> af(a);
+#if FASTBN_HAVE_F16C
+        if (cv.in_registers) {
+            normalize_row_half_in_registers<RES, RELU>(x + i0, y + i0, RES ? res + i0 : res, i1 - i0, af);
+            return;
+        }
+#endif
         for (idx i = i0; i < i1; i += HALF_PIECE) {
             idx m = i1 - i < HALF_PIECE ? i1 - i : HALF_PIECE;
             cv.to_float(x + i, xf, m);
@@ -792,6 +897,44 @@ FASTBN_INLINE void sums_tail(const T* g, const T* x, const T* y, idx n, double m
     }
 }
 
+#if FASTBN_HAVE_F16C
+// sums_full<float> on float16 data converted in registers (see load_half16), n a multiple
+// of LANES: accumulator lane j (a1[j], a2[j]) takes the elements k with k % LANES == j.
+template <bool MASK>
+FASTBN_AVX512_HALF void sums_half_in_registers(const half* g, const half* x, const half* y, idx n, double mean,
+                                               double* a1, double* a2, bool stream_ahead) {
+    __m512d s1[4], s2[4];
+    for (int q = 0; q < 4; ++q) {
+        s1[q] = _mm512_loadu_pd(a1 + 8 * q);
+        s2[q] = _mm512_loadu_pd(a2 + 8 * q);
+    }
+    const __m512d mu = _mm512_set1_pd(mean);
+    for (idx i = 0; i < n; i += LANES) {
+        if (stream_ahead && i % HALF_PIECE == 0) {
+            const idx bytes = (n - i < HALF_PIECE ? n - i : HALF_PIECE) * (idx)sizeof(half);
+            prefetch_past(g + i, bytes);
+            prefetch_past(x + i, bytes);
+            if (MASK) prefetch_past(y + i, bytes);
+        }
+        for (int h = 0; h < 2; ++h) {
+            __m512 gf = load_half16(g + i + 16 * h);
+            if (MASK)
+                gf = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load_half16(y + i + 16 * h), _mm512_setzero_ps(), _CMP_GT_OQ), gf);
+            const __m512 xf = load_half16(x + i + 16 * h);
+            for (int q = 0; q < 2; ++q) {
+                const __m512d gd = widen_half_of(gf, q);
+                s1[2 * h + q] = _mm512_add_pd(s1[2 * h + q], gd);
+                s2[2 * h + q] = _mm512_add_pd(s2[2 * h + q], _mm512_mul_pd(gd, _mm512_sub_pd(widen_half_of(xf, q), mu)));
+            }
+        }
+    }
+    for (int q = 0; q < 4; ++q) {
+        _mm512_storeu_pd(a1 + 8 * q, s1[q]);
+        _mm512_storeu_pd(a2 + 8 * q, s2[q]);
+    }
+}
+#endif
+
 // float16: pieces converted to float, the same lanes and order as float data;
 // stream_ahead: each piece asks for the bytes STATS_PREFETCH_AHEAD past it (as sums_rows).
 template <bool MASK, bool FULL>
@@ -799,6 +942,12 @@ FASTBN_INLINE void sums_half(const half* g, const half* x, const half* y, idx n,
                              double* a2, bool stream_ahead = false) {
     alignas(64) float gf[HALF_PIECE], xf[HALF_PIECE], yf[MASK ? HALF_PIECE : 1];
     const HalfConverters& cv = half_converters();
+#if FASTBN_HAVE_F16C
+    if (FULL && cv.in_registers) {
+        sums_half_in_registers<MASK>(g, x, y, n, mean, a1, a2, stream_ahead);
+        return;
+    }
+#endif
     for (idx i = 0; i < n; i += HALF_PIECE) {
         idx m = n - i < HALF_PIECE ? n - i : HALF_PIECE;
         if (stream_ahead) {
@@ -912,6 +1061,40 @@ template <class T> struct BackwardCoef {
     }
 };
 
+#if FASTBN_HAVE_F16C
+// backward_row<float> on 16 float16 values converted in registers (see load_half16).
+template <bool MASK, bool DRES, bool FROZEN>
+FASTBN_AVX512_HALF FASTBN_INLINE void backward_half16(const half* g, const half* x, const half* y, half* d, half* dr,
+                                                      const BackwardCoef<float>& k) {
+    __m512 gv = load_half16(g);
+    if (MASK) gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load_half16(y), _mm512_setzero_ps(), _CMP_GT_OQ), gv);
+    if (DRES) store_half16(dr, gv);
+    if (FROZEN) {
+        store_half16(d, _mm512_mul_ps(gv, _mm512_set1_ps(k.a)));
+        return;
+    }
+    const __m512 xm = _mm512_sub_ps(_mm512_sub_ps(load_half16(x), _mm512_set1_ps(k.mean_hi)), _mm512_set1_ps(k.mean_lo));
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(gv, _mm512_set1_ps(k.a)), _mm512_mul_ps(xm, _mm512_set1_ps(k.b)));
+    store_half16(d, _mm512_add_ps(v, _mm512_set1_ps(k.c)));
+}
+
+template <bool MASK, bool DRES, bool FROZEN>
+FASTBN_AVX512_HALF void backward_row_half_in_registers(const half* g, const half* x, const half* y, half* d,
+                                                       half* dr, idx n, const BackwardCoef<float>& k) {
+    idx i = 0;
+    for (; i + 16 <= n; i += 16)
+        backward_half16<MASK, DRES, FROZEN>(g + i, FROZEN ? x : x + i, MASK ? y + i : y, d + i, DRES ? dr + i : dr, k);
+    if (i < n) {
+        const idx m = n - i;
+        HalfTail tg(g + i, m), tx(FROZEN ? nullptr : x + i, m), ty(MASK ? y + i : nullptr, m);
+        HalfTail td(nullptr, m), tr(nullptr, m);
+        backward_half16<MASK, DRES, FROZEN>(tg.v, tx.v, ty.v, td.v, tr.v, k);
+        std::memcpy(d + i, td.v, (size_t)m * sizeof(half));
+        if (DRES) std::memcpy(dr + i, tr.v, (size_t)m * sizeof(half));
+    }
+}
+#endif
+
 template <class T, bool MASK, bool DRES, bool FROZEN>
 FASTBN_INLINE void backward_row(const T* g, const T* x, const T* y, T* d, T* dr, idx i0, idx i1,
                                 const BackwardCoef<T>& k) {
@@ -921,6 +1104,13 @@ FASTBN_INLINE void backward_row(const T* g, const T* x, const T* y, T* d, T* dr,
         alignas(64) float yf[MASK ? HALF_PIECE : 1], rf[DRES ? HALF_PIECE : 1];
         const HalfConverters& cv = half_converters();
         const BackwardCoef<float> kf(k);
+#if FASTBN_HAVE_F16C
+        if (cv.in_registers) {
+            backward_row_half_in_registers<MASK, DRES, FROZEN>(g + i0, FROZEN ? x : x + i0, MASK ? y + i0 : y, d + i0,
+                                                               DRES ? dr + i0 : dr, i1 - i0, kf);
+            return;
+        }
+#endif
         for (idx i = i0; i < i1; i += HALF_PIECE) {
             idx m = i1 - i < HALF_PIECE ? i1 - i : HALF_PIECE;
             cv.to_float(g + i, gf, m);
