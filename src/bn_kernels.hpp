@@ -158,10 +158,11 @@ __attribute__((target("avx512f,avx2,f16c"))) inline void float_to_half_avx512(co
     float_to_half_f16c(s + i, d + i, n - i);  // the remainder, 8 at a time
 }
 
-// The hottest float16 loops (NCHW backward sums and dx, elementwise forward) also have
-// AVX-512 twins that convert 16 values in registers instead of a piece through an L1
-// buffer: the conversion round trip was a third of float16 backward's time. They do the
-// float code's operations in the same order on the same lanes, so the same bits.
+// The hottest float16 loops (statistics, backward sums, the elementwise passes; both
+// layouts) also have AVX-512 twins that convert 16 values in registers instead of a piece
+// through an L1 buffer: the conversion round trip was a third of float16 backward's time.
+// They do the float code's operations in the same order on the same lanes, so the same
+// bits.
 #define FASTBN_AVX512_HALF __attribute__((target("avx512f,avx2,f16c")))
 FASTBN_AVX512_HALF FASTBN_INLINE __m512 load_half16(const half* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
@@ -173,6 +174,14 @@ FASTBN_AVX512_HALF FASTBN_INLINE void store_half16(half* p, __m512 v) {
 FASTBN_AVX512_HALF FASTBN_INLINE __m512d widen_half_of(__m512 v, int h) {
     __m256 part = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)) : _mm512_castps512_ps256(v);
     return _mm512_cvtps_pd(part);
+}
+// 16 values of g (float16 dy), zero where a fused ReLU's output y is not > 0 (as
+// masked_grad; y is NaN-safe: the comparison is false).
+template <bool MASK>
+FASTBN_AVX512_HALF FASTBN_INLINE __m512 masked_grad_half16(const half* g, const half* y) {
+    __m512 gv = load_half16(g);
+    if (MASK) gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load_half16(y), _mm512_setzero_ps(), _CMP_GT_OQ), gv);
+    return gv;
 }
 // Up to 16 float16 values of a row's end through the 16-wide loop body: copied to (and
 // from) a zero-padded block of 16.
@@ -735,11 +744,15 @@ template <class T> struct Affine {
 };
 
 #if FASTBN_HAVE_F16C
-// normalize_row<float> on 16 float16 values converted in registers (see load_half16).
+// normalize_row<float> on 16 float16 values converted in registers (see load_half16), with
+// the constants of their 16 columns (one channel's, broadcast, or 16 channels').
+struct AffineVectors {
+    __m512 mean_hi, mean_lo, scale, shift;
+};
 template <bool RES, bool RELU>
-FASTBN_AVX512_HALF FASTBN_INLINE void normalize_half16(const half* x, half* y, const half* res, const Affine<float>& a) {
-    __m512 v = _mm512_sub_ps(_mm512_sub_ps(load_half16(x), _mm512_set1_ps(a.mean_hi)), _mm512_set1_ps(a.mean_lo));
-    v = _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(a.scale)), _mm512_set1_ps(a.shift));
+FASTBN_AVX512_HALF FASTBN_INLINE void normalize_half16(const half* x, half* y, const half* res, const AffineVectors& a) {
+    __m512 v = _mm512_sub_ps(_mm512_sub_ps(load_half16(x), a.mean_hi), a.mean_lo);
+    v = _mm512_add_ps(_mm512_mul_ps(v, a.scale), a.shift);
     if (RES) v = _mm512_add_ps(v, load_half16(res));
     if (RELU) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_ps());
     store_half16(y, v);
@@ -748,13 +761,46 @@ FASTBN_AVX512_HALF FASTBN_INLINE void normalize_half16(const half* x, half* y, c
 template <bool RES, bool RELU>
 FASTBN_AVX512_HALF void normalize_row_half_in_registers(const half* x, half* y, const half* res, idx n,
                                                         const Affine<float>& a) {
+    const AffineVectors av = {_mm512_set1_ps(a.mean_hi), _mm512_set1_ps(a.mean_lo), _mm512_set1_ps(a.scale),
+                              _mm512_set1_ps(a.shift)};
     idx i = 0;
-    for (; i + 16 <= n; i += 16) normalize_half16<RES, RELU>(x + i, y + i, RES ? res + i : res, a);
+    for (; i + 16 <= n; i += 16) normalize_half16<RES, RELU>(x + i, y + i, RES ? res + i : res, av);
     if (i < n) {
         const idx m = n - i;
         HalfTail tx(x + i, m), tres(RES ? res + i : nullptr, m), ty(nullptr, m);
-        normalize_half16<RES, RELU>(tx.v, ty.v, tres.v, a);
+        normalize_half16<RES, RELU>(tx.v, ty.v, tres.v, av);
         std::memcpy(y + i, ty.v, (size_t)m * sizeof(half));
+    }
+}
+
+// Up to 16 per-channel float constants of a row's end, zero-padded to 16.
+struct FloatTail {
+    alignas(64) float v[16];
+    FloatTail(const float* p, idx m) {
+        std::memset(v, 0, sizeof v);
+        std::memcpy(v, p, (size_t)m * sizeof(float));
+    }
+};
+
+// normalize_row_nlc<half> in registers: channels [0, m) of a row, constants mh, ml, sc, sh
+// per channel (the float loop's operations, the same bits).
+template <bool RES, bool RELU>
+FASTBN_AVX512_HALF void normalize_row_nlc_half_in_registers(const half* x, half* y, const half* res, const float* mh,
+                                                            const float* ml, const float* sc, const float* sh,
+                                                            idx m) {
+    idx c = 0;
+    for (; c + 16 <= m; c += 16) {
+        const AffineVectors av = {_mm512_loadu_ps(mh + c), _mm512_loadu_ps(ml + c), _mm512_loadu_ps(sc + c),
+                                  _mm512_loadu_ps(sh + c)};
+        normalize_half16<RES, RELU>(x + c, y + c, RES ? res + c : res, av);
+    }
+    if (c < m) {
+        const idx r = m - c;
+        FloatTail a(mh + c, r), b(ml + c, r), k(sc + c, r), d(sh + c, r);
+        const AffineVectors av = {_mm512_load_ps(a.v), _mm512_load_ps(b.v), _mm512_load_ps(k.v), _mm512_load_ps(d.v)};
+        HalfTail tx(x + c, r), tres(RES ? res + c : nullptr, r), ty(nullptr, r);
+        normalize_half16<RES, RELU>(tx.v, ty.v, tres.v, av);
+        std::memcpy(y + c, ty.v, (size_t)r * sizeof(half));
     }
 }
 #endif
@@ -917,9 +963,7 @@ FASTBN_AVX512_HALF void sums_half_in_registers(const half* g, const half* x, con
             if (MASK) prefetch_past(y + i, bytes);
         }
         for (int h = 0; h < 2; ++h) {
-            __m512 gf = load_half16(g + i + 16 * h);
-            if (MASK)
-                gf = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load_half16(y + i + 16 * h), _mm512_setzero_ps(), _CMP_GT_OQ), gf);
+            const __m512 gf = masked_grad_half16<MASK>(g + i + 16 * h, MASK ? y + i + 16 * h : y);
             const __m512 xf = load_half16(x + i + 16 * h);
             for (int q = 0; q < 2; ++q) {
                 const __m512d gd = widen_half_of(gf, q);
@@ -1062,35 +1106,67 @@ template <class T> struct BackwardCoef {
 };
 
 #if FASTBN_HAVE_F16C
-// backward_row<float> on 16 float16 values converted in registers (see load_half16).
+// backward_row<float> on 16 float16 values converted in registers (see load_half16), with
+// the coefficients of their 16 columns (one channel's, broadcast, or 16 channels').
+struct BackwardVectors {
+    __m512 a, b, c, mean_hi, mean_lo;
+};
 template <bool MASK, bool DRES, bool FROZEN>
 FASTBN_AVX512_HALF FASTBN_INLINE void backward_half16(const half* g, const half* x, const half* y, half* d, half* dr,
-                                                      const BackwardCoef<float>& k) {
-    __m512 gv = load_half16(g);
-    if (MASK) gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load_half16(y), _mm512_setzero_ps(), _CMP_GT_OQ), gv);
+                                                      const BackwardVectors& k) {
+    const __m512 gv = masked_grad_half16<MASK>(g, y);
     if (DRES) store_half16(dr, gv);
     if (FROZEN) {
-        store_half16(d, _mm512_mul_ps(gv, _mm512_set1_ps(k.a)));
+        store_half16(d, _mm512_mul_ps(gv, k.a));
         return;
     }
-    const __m512 xm = _mm512_sub_ps(_mm512_sub_ps(load_half16(x), _mm512_set1_ps(k.mean_hi)), _mm512_set1_ps(k.mean_lo));
-    const __m512 v = _mm512_add_ps(_mm512_mul_ps(gv, _mm512_set1_ps(k.a)), _mm512_mul_ps(xm, _mm512_set1_ps(k.b)));
-    store_half16(d, _mm512_add_ps(v, _mm512_set1_ps(k.c)));
+    const __m512 xm = _mm512_sub_ps(_mm512_sub_ps(load_half16(x), k.mean_hi), k.mean_lo);
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(gv, k.a), _mm512_mul_ps(xm, k.b));
+    store_half16(d, _mm512_add_ps(v, k.c));
+}
+
+// backward_half16 over the last m < 16 columns of a row (constants already padded).
+template <bool MASK, bool DRES, bool FROZEN>
+FASTBN_AVX512_HALF FASTBN_INLINE void backward_half_tail(const half* g, const half* x, const half* y, half* d,
+                                                         half* dr, idx m, const BackwardVectors& k) {
+    HalfTail tg(g, m), tx(FROZEN ? nullptr : x, m), ty(MASK ? y : nullptr, m);
+    HalfTail td(nullptr, m), tr(nullptr, m);
+    backward_half16<MASK, DRES, FROZEN>(tg.v, tx.v, ty.v, td.v, tr.v, k);
+    std::memcpy(d, td.v, (size_t)m * sizeof(half));
+    if (DRES) std::memcpy(dr, tr.v, (size_t)m * sizeof(half));
 }
 
 template <bool MASK, bool DRES, bool FROZEN>
 FASTBN_AVX512_HALF void backward_row_half_in_registers(const half* g, const half* x, const half* y, half* d,
                                                        half* dr, idx n, const BackwardCoef<float>& k) {
+    const BackwardVectors kv = {_mm512_set1_ps(k.a), _mm512_set1_ps(k.b), _mm512_set1_ps(k.c),
+                                _mm512_set1_ps(k.mean_hi), _mm512_set1_ps(k.mean_lo)};
     idx i = 0;
     for (; i + 16 <= n; i += 16)
-        backward_half16<MASK, DRES, FROZEN>(g + i, FROZEN ? x : x + i, MASK ? y + i : y, d + i, DRES ? dr + i : dr, k);
-    if (i < n) {
-        const idx m = n - i;
-        HalfTail tg(g + i, m), tx(FROZEN ? nullptr : x + i, m), ty(MASK ? y + i : nullptr, m);
-        HalfTail td(nullptr, m), tr(nullptr, m);
-        backward_half16<MASK, DRES, FROZEN>(tg.v, tx.v, ty.v, td.v, tr.v, k);
-        std::memcpy(d + i, td.v, (size_t)m * sizeof(half));
-        if (DRES) std::memcpy(dr + i, tr.v, (size_t)m * sizeof(half));
+        backward_half16<MASK, DRES, FROZEN>(g + i, FROZEN ? x : x + i, MASK ? y + i : y, d + i, DRES ? dr + i : dr, kv);
+    if (i < n)
+        backward_half_tail<MASK, DRES, FROZEN>(g + i, FROZEN ? x : x + i, MASK ? y + i : y, d + i, DRES ? dr + i : dr,
+                                               n - i, kv);
+}
+
+// backward_row_nlc<half> in registers: channels [0, m) of a row, coefficients per channel.
+template <bool MASK, bool DRES, bool FROZEN>
+FASTBN_AVX512_HALF void backward_row_nlc_half_in_registers(const half* g, const half* x, const half* y, half* d,
+                                                           half* dr, const float* mh, const float* ml,
+                                                           const float* ka, const float* kb, const float* kc, idx m) {
+    idx c = 0;
+    for (; c + 16 <= m; c += 16) {
+        const BackwardVectors kv = {_mm512_loadu_ps(ka + c), _mm512_loadu_ps(kb + c), _mm512_loadu_ps(kc + c),
+                                    _mm512_loadu_ps(mh + c), _mm512_loadu_ps(ml + c)};
+        backward_half16<MASK, DRES, FROZEN>(g + c, FROZEN ? x : x + c, MASK ? y + c : y, d + c, DRES ? dr + c : dr, kv);
+    }
+    if (c < m) {
+        const idx r = m - c;
+        FloatTail a(ka + c, r), b(kb + c, r), cc(kc + c, r), hi(mh + c, r), lo(ml + c, r);
+        const BackwardVectors kv = {_mm512_load_ps(a.v), _mm512_load_ps(b.v), _mm512_load_ps(cc.v),
+                                    _mm512_load_ps(hi.v), _mm512_load_ps(lo.v)};
+        backward_half_tail<MASK, DRES, FROZEN>(g + c, FROZEN ? x : x + c, MASK ? y + c : y, d + c, DRES ? dr + c : dr,
+                                               r, kv);
     }
 }
 #endif
@@ -1351,13 +1427,87 @@ FASTBN_INLINE void finish_shifted_nlc(const T* x, idx sr, idx C, idx r, idx rend
 // float16 block of rows [r, rend) for chunk_moments_nlc: the same sums in the same
 // order (per channel: rows in groups of four, then single rows), on float pieces of
 // HALF_PIECE / 4 channels converted with half_converters().
+#if FASTBN_HAVE_F16C
+// block_moments_nlc_half's sums for channels [c, c + 16 G) in registers (see load_half16):
+// the block's rows walked once for G groups of 16 channels, the same additions in the same
+// order per channel. The first tile asks for the rows ahead.
+template <int G>
+FASTBN_AVX512_HALF void block_sums_nlc_half_tile(const half* x, idx sr, idx C, idx c, idx r, idx rend, idx r1,
+                                                 RowsAhead ahead, double* bs, double* bq) {
+    __m512d k[G][2], s[G][2], q[G][2];
+    for (int t = 0; t < G; ++t) {
+        const __m512 kf = load_half16(x + r * sr + c + 16 * t);
+        for (int h = 0; h < 2; ++h) {
+            k[t][h] = widen_half_of(kf, h);
+            s[t][h] = _mm512_setzero_pd();
+            q[t][h] = _mm512_setzero_pd();
+        }
+    }
+    idx rr = r;
+    for (; rr + 4 <= rend; rr += 4) {
+        if (c == 0)
+            for (idx j = 0; j < 4; ++j) prefetch_ahead_nlc(x, sr, C, rr + j, r1, ahead);
+        for (int t = 0; t < G; ++t) {
+            const half* p = x + rr * sr + c + 16 * t;
+            const __m512 f[4] = {load_half16(p), load_half16(p + sr), load_half16(p + 2 * sr), load_half16(p + 3 * sr)};
+            for (int h = 0; h < 2; ++h) {
+                const __m512d d0 = _mm512_sub_pd(widen_half_of(f[0], h), k[t][h]);
+                const __m512d d1 = _mm512_sub_pd(widen_half_of(f[1], h), k[t][h]);
+                const __m512d d2 = _mm512_sub_pd(widen_half_of(f[2], h), k[t][h]);
+                const __m512d d3 = _mm512_sub_pd(widen_half_of(f[3], h), k[t][h]);
+                s[t][h] = _mm512_add_pd(s[t][h], _mm512_add_pd(_mm512_add_pd(d0, d1), _mm512_add_pd(d2, d3)));
+                const __m512d q01 = _mm512_add_pd(_mm512_mul_pd(d0, d0), _mm512_mul_pd(d1, d1));
+                const __m512d q23 = _mm512_add_pd(_mm512_mul_pd(d2, d2), _mm512_mul_pd(d3, d3));
+                q[t][h] = _mm512_add_pd(q[t][h], _mm512_add_pd(q01, q23));
+            }
+        }
+    }
+    for (; rr < rend; ++rr) {
+        if (c == 0) prefetch_ahead_nlc(x, sr, C, rr, r1, ahead);
+        for (int t = 0; t < G; ++t) {
+            const __m512 f = load_half16(x + rr * sr + c + 16 * t);
+            for (int h = 0; h < 2; ++h) {
+                const __m512d d = _mm512_sub_pd(widen_half_of(f, h), k[t][h]);
+                s[t][h] = _mm512_add_pd(s[t][h], d);
+                q[t][h] = _mm512_add_pd(q[t][h], _mm512_mul_pd(d, d));
+            }
+        }
+    }
+    for (int t = 0; t < G; ++t)
+        for (int h = 0; h < 2; ++h) {
+            _mm512_storeu_pd(bs + c + 16 * t + 8 * h, s[t][h]);
+            _mm512_storeu_pd(bq + c + 16 * t + 8 * h, q[t][h]);
+        }
+}
+
+// Channels [0, n16) (a multiple of 16): tiles of 64 channels, then the rest.
+inline FASTBN_AVX512_HALF void block_sums_nlc_half_in_registers(const half* x, idx sr, idx C, idx n16, idx r, idx rend,
+                                                         idx r1, RowsAhead ahead, double* bs, double* bq) {
+    idx c = 0;
+    for (; c + 64 <= n16; c += 64) block_sums_nlc_half_tile<4>(x, sr, C, c, r, rend, r1, ahead, bs, bq);
+    switch ((n16 - c) / 16) {
+        case 3: block_sums_nlc_half_tile<3>(x, sr, C, c, r, rend, r1, ahead, bs, bq); break;
+        case 2: block_sums_nlc_half_tile<2>(x, sr, C, c, r, rend, r1, ahead, bs, bq); break;
+        case 1: block_sums_nlc_half_tile<1>(x, sr, C, c, r, rend, r1, ahead, bs, bq); break;
+        default: break;
+    }
+}
+#endif
+
 FASTBN_INLINE void block_moments_nlc_half(const half* x, idx sr, idx C, idx r, idx rend, idx r1, double nb,
                                           double* __restrict__ bs, double* __restrict__ bq) {
     const idx P = HALF_PIECE / 4;
     alignas(64) float f[4][HALF_PIECE / 4], k[HALF_PIECE / 4];
     const HalfConverters& cv = half_converters();
     const RowsAhead ahead = RowsAhead::of<half>(C, STATS_PREFETCH_AHEAD);
-    for (idx c0 = 0; c0 < C; c0 += P) {
+    idx c_begin = 0;
+#if FASTBN_HAVE_F16C
+    if (cv.in_registers && C >= 16) {
+        c_begin = C - C % 16;
+        block_sums_nlc_half_in_registers(x, sr, C, c_begin, r, rend, r1, ahead, bs, bq);
+    }
+#endif
+    for (idx c0 = c_begin; c0 < C; c0 += P) {
         const idx n = C - c0 < P ? C - c0 : P;
         double* __restrict__ s = bs + c0;
         double* __restrict__ q = bq + c0;
@@ -1555,6 +1705,12 @@ FASTBN_INLINE void normalize_row_nlc(const T* x, T* y, const T* res, idx C, cons
     if constexpr (is_half<T>()) {  // float pieces (F16C where present), same arithmetic
         alignas(64) float xf[HALF_PIECE], yf[HALF_PIECE], rf[RES ? HALF_PIECE : 1];
         const HalfConverters& cv = half_converters();
+#if FASTBN_HAVE_F16C
+        if (cv.in_registers) {
+            normalize_row_nlc_half_in_registers<RES, RELU>(x, y, res, mh, ml, sc, sh, m);
+            return;
+        }
+#endif
         for (idx i = 0; i < m; i += HALF_PIECE) {
             idx n = m - i < HALF_PIECE ? m - i : HALF_PIECE;
             cv.to_float(x + i, xf, n);
@@ -1647,6 +1803,16 @@ FASTBN_INLINE void normalize_four_rows_half_streamed(const half* x, half* y, con
     alignas(64) half out[HALF_PIECE];
     const HalfConverters& cv = half_converters();
     const idx n = 4 * C;
+#if FASTBN_HAVE_F16C
+    if (cv.in_registers) {
+        const float* mh = (const float*)buf;
+        for (idx j = 0; j < 4; ++j)
+            normalize_row_nlc_half_in_registers<RES, RELU>(x + j * C, out + j * C, RES ? res + j * C : res, mh,
+                                                           mh + C, mh + 2 * C, mh + 3 * C, C);
+        stream_copy(y, out, (size_t)n * sizeof(half));
+        return;
+    }
+#endif
     cv.to_float(x, xf, n);
     if (RES) cv.to_float(res, rf, n);
     normalize_four_rows_nlc<float, RES, RELU>(xf, C, RES ? rf : xf, C, yf, yf + C, yf + 2 * C, yf + 3 * C, C, buf,
@@ -1751,6 +1917,72 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
     if (e.stream) stream_fence();
 }
 
+#if FASTBN_HAVE_F16C
+// The function below's sums for channels [c, c + 16 G) in registers (see load_half16): the
+// rows walked once for G groups of 16 channels (a pass per group read each row G times),
+// the same additions in the same order per channel.
+template <bool MASK, int G>
+FASTBN_AVX512_HALF void sums_rows_nlc_half_tile(const half* dy, const half* x, const half* y, idx srdy, idx srx,
+                                                idx sry, idx c, idx r0, idx r1, const double* mean, double* sdy,
+                                                double* sxmu) {
+    __m512d sg[G][2], sx[G][2], mu[G][2];
+    for (int t = 0; t < G; ++t)
+        for (int h = 0; h < 2; ++h) {
+            sg[t][h] = _mm512_loadu_pd(sdy + c + 16 * t + 8 * h);
+            sx[t][h] = _mm512_loadu_pd(sxmu + c + 16 * t + 8 * h);
+            mu[t][h] = _mm512_loadu_pd(mean + c + 16 * t + 8 * h);
+        }
+    idx r = r0;
+    for (; r + 2 <= r1; r += 2) {
+        for (int t = 0; t < G; ++t) {
+            const idx ct = c + 16 * t;
+            const __m512 ga = masked_grad_half16<MASK>(dy + r * srdy + ct, MASK ? y + r * sry + ct : y);
+            const __m512 gb = masked_grad_half16<MASK>(dy + (r + 1) * srdy + ct, MASK ? y + (r + 1) * sry + ct : y);
+            const __m512 xa = load_half16(x + r * srx + ct), xb = load_half16(x + (r + 1) * srx + ct);
+            for (int h = 0; h < 2; ++h) {
+                const __m512d a = widen_half_of(ga, h), b = widen_half_of(gb, h);
+                sg[t][h] = _mm512_add_pd(sg[t][h], _mm512_add_pd(a, b));
+                const __m512d pa = _mm512_mul_pd(a, _mm512_sub_pd(widen_half_of(xa, h), mu[t][h]));
+                const __m512d pb = _mm512_mul_pd(b, _mm512_sub_pd(widen_half_of(xb, h), mu[t][h]));
+                sx[t][h] = _mm512_add_pd(sx[t][h], _mm512_add_pd(pa, pb));
+            }
+        }
+    }
+    for (; r < r1; ++r)
+        for (int t = 0; t < G; ++t) {
+            const idx ct = c + 16 * t;
+            const __m512 ga = masked_grad_half16<MASK>(dy + r * srdy + ct, MASK ? y + r * sry + ct : y);
+            const __m512 xa = load_half16(x + r * srx + ct);
+            for (int h = 0; h < 2; ++h) {
+                const __m512d a = widen_half_of(ga, h);
+                sg[t][h] = _mm512_add_pd(sg[t][h], a);
+                sx[t][h] = _mm512_add_pd(sx[t][h], _mm512_mul_pd(a, _mm512_sub_pd(widen_half_of(xa, h), mu[t][h])));
+            }
+        }
+    for (int t = 0; t < G; ++t)
+        for (int h = 0; h < 2; ++h) {
+            _mm512_storeu_pd(sdy + c + 16 * t + 8 * h, sg[t][h]);
+            _mm512_storeu_pd(sxmu + c + 16 * t + 8 * h, sx[t][h]);
+        }
+}
+
+// Channels [0, n16) (a multiple of 16): tiles of 64 channels, then the rest.
+template <bool MASK>
+FASTBN_AVX512_HALF void sums_rows_nlc_half_in_registers(const half* dy, const half* x, const half* y, idx srdy,
+                                                        idx srx, idx sry, idx n16, idx r0, idx r1, const double* mean,
+                                                        double* sdy, double* sxmu) {
+    idx c = 0;
+    for (; c + 64 <= n16; c += 64)
+        sums_rows_nlc_half_tile<MASK, 4>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu);
+    switch ((n16 - c) / 16) {
+        case 3: sums_rows_nlc_half_tile<MASK, 3>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu); break;
+        case 2: sums_rows_nlc_half_tile<MASK, 2>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu); break;
+        case 1: sums_rows_nlc_half_tile<MASK, 1>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu); break;
+        default: break;
+    }
+}
+#endif
+
 // float16 rows for sums_rows_nlc: the same sums in the same order (per channel: rows in
 // pairs, then a single row), on float pieces of HALF_PIECE / 2 channels.
 template <bool MASK>
@@ -1760,7 +1992,14 @@ FASTBN_INLINE void sums_rows_nlc_half(const half* dy, const half* x, const half*
     const idx P = HALF_PIECE / 2;
     alignas(64) float g[2][HALF_PIECE / 2], xf[2][HALF_PIECE / 2], yf[2][MASK ? HALF_PIECE / 2 : 1];
     const HalfConverters& cv = half_converters();
-    for (idx c0 = 0; c0 < C; c0 += P) {
+    idx c_begin = 0;
+#if FASTBN_HAVE_F16C
+    if (cv.in_registers && C >= 16) {
+        c_begin = C - C % 16;
+        sums_rows_nlc_half_in_registers<MASK>(dy, x, y, srdy, srx, sry, c_begin, r0, r1, mean, sdy, sxmu);
+    }
+#endif
+    for (idx c0 = c_begin; c0 < C; c0 += P) {
         const idx n = C - c0 < P ? C - c0 : P;
         idx r = r0;
         for (; r + 2 <= r1; r += 2) {
@@ -1875,6 +2114,12 @@ FASTBN_INLINE void backward_row_nlc(const T* g, const T* x, const T* y, T* d, T*
         alignas(64) float gf[HALF_PIECE], df[HALF_PIECE], xf[FROZEN ? 1 : HALF_PIECE];
         alignas(64) float yf[MASK ? HALF_PIECE : 1];
         const HalfConverters& cv = half_converters();
+#if FASTBN_HAVE_F16C
+        if (cv.in_registers) {
+            backward_row_nlc_half_in_registers<MASK, DRES, FROZEN>(g, x, y, d, dr, mh, ml, ka, kb, kc, m);
+            return;
+        }
+#endif
         for (idx i = 0; i < m; i += HALF_PIECE) {
             idx n = m - i < HALF_PIECE ? m - i : HALF_PIECE;
             cv.to_float(g + i, gf, n);
@@ -1954,6 +2199,17 @@ FASTBN_INLINE void backward_four_rows_half_streamed(const half* g, const half* x
     alignas(64) half out[HALF_PIECE];
     const HalfConverters& cv = half_converters();
     const idx n = 4 * C;
+#if FASTBN_HAVE_F16C
+    if (cv.in_registers) {
+        const float* mh = (const float*)buf;
+        for (idx j = 0; j < 4; ++j)
+            backward_row_nlc_half_in_registers<false, false, false>(g + j * C, x + j * C, nullptr, out + j * C,
+                                                                    nullptr, mh, mh + C, mh + 2 * C, mh + 3 * C,
+                                                                    mh + 4 * C, C);
+        stream_copy(dx, out, (size_t)n * sizeof(half));
+        return;
+    }
+#endif
     cv.to_float(g, gf, n);
     cv.to_float(x, xf, n);
     backward_four_rows_nlc<float>(gf, C, xf, C, df, df + C, df + 2 * C, df + 3 * C, C, buf, 0, C);

@@ -505,12 +505,14 @@ def test_float16_narrower_conversions_are_exact(cap, tmp_path):
 
 @pytest.mark.parametrize("shape,axis", [((3, 5, 1300), 1), ((2, 3, 4, 5), 1), ((700, 6), -1),
                                         ((4, 9, 130), 2), ((3, 2, 40000), 1), ((9, 7, 300), -1),
-                                        ((41, 600), 1), ((3, 2000, 5), 1), ((40, 3, 10, 10), 1)])
+                                        ((41, 600), 1), ((3, 2000, 5), 1), ((40, 3, 10, 10), 1),
+                                        ((37, 50), -1), ((5, 3, 3, 64), -1)])
 def test_float16_is_float32_arithmetic_rounded_once(shape, axis):
     """float16 data is computed in float32 (statistics in float64) and rounded once: every
     result equals the float32 computation on the exactly upcast inputs, rounded to
     float16 by NumPy -- bit for bit, in every layout, whichever float16 conversion the
-    CPU uses (F16C pieces or the branch-free functions)."""
+    CPU uses (AVX-512 loops converting in registers, F16C pieces or the branch-free
+    functions)."""
     h = make_data(shape, np.float16, seed=31, loc=0.3)
     r = make_data(shape, np.float16, seed=32)
     g = make_data(shape, np.float16, seed=33, scale=1.0)
@@ -587,8 +589,10 @@ def _formula_tolerance(dtype):
     return {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}.get(np.dtype(dtype), 3e-2)
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 1031), (2, 3, 4099), (1001, 7, 1), (203, 600, 1)],
-                         ids=["rows", "long-rows", "channels-last", "channels-last-wide"])
+@pytest.mark.parametrize("shape", [(3, 5, 1031), (2, 3, 4099), (1001, 7, 1), (301, 50, 1),
+                                   (203, 600, 1)],
+                         ids=["rows", "long-rows", "channels-last", "channels-last-50",
+                              "channels-last-wide"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("epilogue", ["residual-relu", "plain"])
 def test_streamed_elementwise_kernel_gives_the_same_bits(shape, dtype, epilogue):
@@ -617,8 +621,8 @@ def test_streamed_elementwise_kernel_gives_the_same_bits(shape, dtype, epilogue)
         np.testing.assert_allclose(outs[0].astype(np.float64), expect, rtol=tol, atol=tol * 4)
 
 
-@pytest.mark.parametrize("shape", [(3, 5, 1031), (1001, 7, 1), (203, 600, 1)],
-                         ids=["rows", "channels-last", "channels-last-wide"])
+@pytest.mark.parametrize("shape", [(3, 5, 1031), (1001, 7, 1), (301, 50, 1), (203, 600, 1)],
+                         ids=["rows", "channels-last", "channels-last-50", "channels-last-wide"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("variant", ["plain", "frozen", "relu"])
 def test_streamed_backward_kernel_gives_the_same_bits(shape, dtype, variant):
