@@ -175,6 +175,13 @@ FASTBN_AVX512_HALF FASTBN_INLINE __m512d widen_half_of(__m512 v, int h) {
     __m256 part = h ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)) : _mm512_castps512_ps256(v);
     return _mm512_cvtps_pd(part);
 }
+// The LANES (32) double accumulators of a row's sums as four vectors, and back.
+FASTBN_AVX512_HALF FASTBN_INLINE void load_lanes(const double* a, __m512d* v) {
+    for (int q = 0; q < 4; ++q) v[q] = _mm512_loadu_pd(a + 8 * q);
+}
+FASTBN_AVX512_HALF FASTBN_INLINE void store_lanes(double* a, const __m512d* v) {
+    for (int q = 0; q < 4; ++q) _mm512_storeu_pd(a + 8 * q, v[q]);
+}
 // 16 values of g (float16 dy), zero where a fused ReLU's output y is not > 0 (as
 // masked_grad; y is NaN-safe: the comparison is false).
 template <bool MASK>
@@ -342,10 +349,8 @@ FASTBN_INLINE void add_shifted_tail(const T* p, idx n, double K, double* s1, dou
 FASTBN_AVX512_HALF inline void add_shifted_half_in_registers(const half* p, idx n, double K, double* s1,
                                                             double* s2, bool stream_ahead) {
     __m512d a1[4], a2[4];
-    for (int q = 0; q < 4; ++q) {
-        a1[q] = _mm512_loadu_pd(s1 + 8 * q);
-        a2[q] = _mm512_loadu_pd(s2 + 8 * q);
-    }
+    load_lanes(s1, a1);
+    load_lanes(s2, a2);
     const __m512d k = _mm512_set1_pd(K);
     for (idx i = 0; i < n; i += LANES) {
         if (stream_ahead && i % STREAM_PIECE == 0)
@@ -359,10 +364,8 @@ FASTBN_AVX512_HALF inline void add_shifted_half_in_registers(const half* p, idx 
             }
         }
     }
-    for (int q = 0; q < 4; ++q) {
-        _mm512_storeu_pd(s1 + 8 * q, a1[q]);
-        _mm512_storeu_pd(s2 + 8 * q, a2[q]);
-    }
+    store_lanes(s1, a1);
+    store_lanes(s2, a2);
 }
 #endif
 
@@ -950,10 +953,8 @@ template <bool MASK>
 FASTBN_AVX512_HALF void sums_half_in_registers(const half* g, const half* x, const half* y, idx n, double mean,
                                                double* a1, double* a2, bool stream_ahead) {
     __m512d s1[4], s2[4];
-    for (int q = 0; q < 4; ++q) {
-        s1[q] = _mm512_loadu_pd(a1 + 8 * q);
-        s2[q] = _mm512_loadu_pd(a2 + 8 * q);
-    }
+    load_lanes(a1, s1);
+    load_lanes(a2, s2);
     const __m512d mu = _mm512_set1_pd(mean);
     for (idx i = 0; i < n; i += LANES) {
         if (stream_ahead && i % HALF_PIECE == 0) {
@@ -972,10 +973,8 @@ FASTBN_AVX512_HALF void sums_half_in_registers(const half* g, const half* x, con
             }
         }
     }
-    for (int q = 0; q < 4; ++q) {
-        _mm512_storeu_pd(a1 + 8 * q, s1[q]);
-        _mm512_storeu_pd(a2 + 8 * q, s2[q]);
-    }
+    store_lanes(a1, s1);
+    store_lanes(a2, s2);
 }
 #endif
 
@@ -1821,6 +1820,14 @@ FASTBN_INLINE void normalize_four_rows_half_streamed(const half* x, half* y, con
     stream_copy(y, out, (size_t)n * sizeof(half));
 }
 
+// Four rows [r, r + 4) of y: streamed through staging, or written in place.
+template <class T, bool RES, bool RELU>
+FASTBN_INLINE void normalize_four_rows_to(const T* x, T* y, idx srx, idx sry, const T* res, idx srr, idx C,
+                                          const void* buf, bool stream) {
+    if (stream) normalize_four_rows_streamed<T, RES, RELU>(x, y, srx, sry, res, srr, C, buf);
+    else normalize_four_rows_nlc<T, RES, RELU>(x, srx, res, srr, y, y + sry, y + 2 * sry, y + 3 * sry, C, buf, 0, C);
+}
+
 // Channels-last rows at least this wide take the four-row kernels with ordinary stores.
 static const idx WIDE_NLC_CHANNELS = 1024;
 template <class T>
@@ -1829,9 +1836,15 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
     const RowsAhead ahead = RowsAhead::of<T>(C);
     idx r = r0;
     if constexpr (!is_half<T>()) {
-        if (e.stream) {
-            // Cold (100352, 64) float32 training forward, 2 threads, the two builds called in
-            // turn in one process: 2.21-2.91 -> 1.61-2.54 ms (three runs, each faster)
+        // Four rows at a time: streamed outputs through L1 staging (cold (100352, 64)
+        // float32 training forward, 2 threads, the two builds called in turn in one
+        // process: 2.21-2.91 -> 1.61-2.54 ms, three runs, each faster), and wide rows
+        // written in place, a channel's constants loaded once per four rows (cold float32,
+        // 2 threads, builds called in turn: training forward (256, 2048) 0.152-0.162 ->
+        // 0.135-0.140 ms, (512, 1024) 0.152-0.155 -> 0.123-0.134, (128, 4096) 0.190-0.197
+        // -> 0.173-0.176; inference unchanged within the noise). Not for narrow rows
+        // with ordinary stores: see normalize_four_rows_nlc.
+        if (e.stream || C >= WIDE_NLC_CHANNELS) {
             for (; r + 4 <= r1; r += 4) {
                 for (idx j = 0; j < 4; ++j) {
                     prefetch_ahead_nlc(x, srx, C, r + j, r1, ahead);
@@ -1841,40 +1854,11 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
                 T* yr = y + r * sry;
                 const T* rr = e.res ? (const T*)e.res + r * e.res_so : (const T*)0;
                 if (rr) {
-                    if (e.relu) normalize_four_rows_streamed<T, true, true>(xr, yr, srx, sry, rr, e.res_so, C, buf);
-                    else normalize_four_rows_streamed<T, true, false>(xr, yr, srx, sry, rr, e.res_so, C, buf);
+                    if (e.relu) normalize_four_rows_to<T, true, true>(xr, yr, srx, sry, rr, e.res_so, C, buf, e.stream);
+                    else normalize_four_rows_to<T, true, false>(xr, yr, srx, sry, rr, e.res_so, C, buf, e.stream);
                 } else {
-                    if (e.relu) normalize_four_rows_streamed<T, false, true>(xr, yr, srx, sry, rr, 0, C, buf);
-                    else normalize_four_rows_streamed<T, false, false>(xr, yr, srx, sry, rr, 0, C, buf);
-                }
-            }
-        }
-    }
-    if constexpr (!is_half<T>()) {
-        if (!e.stream && C >= WIDE_NLC_CHANNELS) {
-            // Wide rows written in place four at a time: a channel's constants are loaded
-            // once per four rows. Cold float32, 2 threads, builds called in turn in one
-            // process: training forward (256, 2048) 0.152-0.162 -> 0.135-0.140 ms, (512,
-            // 1024) 0.152-0.155 -> 0.123-0.134, (128, 4096) 0.190-0.197 -> 0.173-0.176;
-            // inference unchanged within the noise. (Not for narrow rows: see
-            // normalize_four_rows_nlc.)
-            for (; r + 4 <= r1; r += 4) {
-                for (idx j = 0; j < 4; ++j) {
-                    prefetch_ahead_nlc(x, srx, C, r + j, r1, ahead);
-                    prefetch_ahead_nlc((const T*)e.res, e.res_so, C, r + j, r1, ahead);
-                }
-                const T* xr = x + r * srx;
-                T* yr = y + r * sry;
-                const T* rr = e.res ? (const T*)e.res + r * e.res_so : (const T*)0;
-                T* y1 = yr + sry;
-                T* y2 = y1 + sry;
-                T* y3 = y2 + sry;
-                if (rr) {
-                    if (e.relu) normalize_four_rows_nlc<T, true, true>(xr, srx, rr, e.res_so, yr, y1, y2, y3, C, buf, 0, C);
-                    else normalize_four_rows_nlc<T, true, false>(xr, srx, rr, e.res_so, yr, y1, y2, y3, C, buf, 0, C);
-                } else {
-                    if (e.relu) normalize_four_rows_nlc<T, false, true>(xr, srx, rr, 0, yr, y1, y2, y3, C, buf, 0, C);
-                    else normalize_four_rows_nlc<T, false, false>(xr, srx, rr, 0, yr, y1, y2, y3, C, buf, 0, C);
+                    if (e.relu) normalize_four_rows_to<T, false, true>(xr, yr, srx, sry, rr, 0, C, buf, e.stream);
+                    else normalize_four_rows_to<T, false, false>(xr, yr, srx, sry, rr, 0, C, buf, e.stream);
                 }
             }
         }
@@ -2224,10 +2208,11 @@ FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx 
     const RowsAhead ahead = RowsAhead::of<T>(C);
     idx r = r0;
     if constexpr (!is_half<T>()) {
-        if (act.stream && !frozen && !act.y && !act.dres) {
-            // streamed dx: four rows at a time through L1 staging (see normalize_nlc); cold
-            // (100352, 64) float32, 2 threads, called in turn in one process: 3.28-3.40 ->
-            // 3.02-3.16 ms
+        // Four rows at a time (see normalize_nlc): streamed dx through L1 staging (cold
+        // (100352, 64) float32, 2 threads, called in turn in one process: 3.28-3.40 ->
+        // 3.02-3.16 ms), or wide rows in place (cold (256, 2048) float32, 2 threads:
+        // 0.271-0.277 -> 0.248-0.262 ms).
+        if (!frozen && !act.y && !act.dres && (act.stream || C >= WIDE_NLC_CHANNELS)) {
             for (; r + 4 <= r1; r += 4) {
                 for (idx j = 0; j < 4; ++j) {
                     prefetch_ahead_nlc(dy, srdy, C, r + j, r1, ahead);
@@ -2235,23 +2220,13 @@ FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx 
                 }
                 const T* g = dy + r * srdy;
                 const T* xr = x + r * srx;
-                stream_four_rows(dx + r * srdx, srdx, C, [&](T* s0, T* s1, T* s2, T* s3, idx c0, idx m)
-                                                             FASTBN_LAMBDA_INLINE {
-                    backward_four_rows_nlc(g, srdy, xr, srx, s0, s1, s2, s3, C, buf, c0, m);
-                });
-            }
-        }
-        if (!act.stream && !frozen && !act.y && !act.dres && C >= WIDE_NLC_CHANNELS) {
-            // wide rows written in place, four at a time (see normalize_nlc): cold (256,
-            // 2048) float32, 2 threads, 0.271-0.277 -> 0.248-0.262 ms
-            for (; r + 4 <= r1; r += 4) {
-                for (idx j = 0; j < 4; ++j) {
-                    prefetch_ahead_nlc(dy, srdy, C, r + j, r1, ahead);
-                    prefetch_ahead_nlc(x, srx, C, r + j, r1, ahead);
-                }
                 T* d0 = dx + r * srdx;
-                backward_four_rows_nlc(dy + r * srdy, srdy, x + r * srx, srx, d0, d0 + srdx, d0 + 2 * srdx,
-                                       d0 + 3 * srdx, C, buf, 0, C);
+                if (act.stream)
+                    stream_four_rows(d0, srdx, C, [&](T* s0, T* s1, T* s2, T* s3, idx c0, idx m) FASTBN_LAMBDA_INLINE {
+                        backward_four_rows_nlc(g, srdy, xr, srx, s0, s1, s2, s3, C, buf, c0, m);
+                    });
+                else
+                    backward_four_rows_nlc(g, srdy, xr, srx, d0, d0 + srdx, d0 + 2 * srdx, d0 + 3 * srdx, C, buf, 0, C);
             }
         }
     }
