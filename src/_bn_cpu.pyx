@@ -150,12 +150,17 @@ def max_threads():
 
 # ------------------------------------------------------------------------ helpers
 
-cdef inline void _static_block(idx n, int n_threads, int t, idx* lo, idx* hi) noexcept nogil:
-    """Work items [lo, hi) of thread t under schedule='static' (libgomp's split: the
-    first n % n_threads threads take one more)."""
+cdef inline idx _static_start(idx n, int n_threads, int t) noexcept nogil:
+    """First of the work items of thread t under schedule='static' (libgomp's split: the
+    first n % n_threads threads take one more); thread t's items are
+    [_static_start(t), _static_start(t + 1)).
+
+    Returned, not written through pointers: in a prange body Cython makes a variable
+    private only where it is assigned, so `lo`, `hi` filled through `&lo, &hi` were shared
+    by the team, and a thread could walk another thread's range (or none): a channels-last
+    dx left unwritten on a 2-core CI machine, (3, 500, 7) at 7 threads."""
     cdef idx q = n // n_threads, r = n % n_threads
-    lo[0] = t * q + (t if t < r else r)
-    hi[0] = lo[0] + q + (1 if t < r else 0)
+    return t * q + (t if t < r else r)
 
 
 cdef inline bint _split_channels(idx C, idx n_chunks, int n_threads) noexcept nogil:
@@ -239,7 +244,8 @@ cdef void _moments_nc(const data_t* x, idx so, idx sc, NCGrid g, idx C, double* 
     if not _split_channels(C, g.n_chunks, n_threads):
         # each thread a range of channels, walked in memory order (chunk partials in parts)
         for t in prange(n_threads, schedule='static', num_threads=n_threads):
-            _static_block(C, n_threads, t, &lo, &hi)
+            lo = _static_start(C, n_threads, t)
+            hi = _static_start(C, n_threads, t + 1)
             if lo < hi:
                 channel_range_moments_nc(x, so, sc, g, lo, hi, counts + lo, mean + lo, m2 + lo,
                                          parts + 3 * lo)
@@ -431,7 +437,8 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
             # each thread normalizes the chunks it reduced, walking back: the rows it read
             # most recently are still in its own cache
             for t in prange(n_threads, schedule='static', num_threads=n_threads):
-                _static_block(gl.n_chunks, n_threads, t, &lo, &hi)
+                lo = _static_start(gl.n_chunks, n_threads, t)
+                hi = _static_start(gl.n_chunks, n_threads, t + 1)
                 for kk in range(hi - 1, lo - 1, -1):
                     normalize_nlc(x, y, sox, soy, Cf, kk * gl.chunk_rows, _rows_end(gl, kk),
                                   consts, e)
@@ -619,7 +626,8 @@ cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.nda
             gl = nlc_grid(outer, C)
             # each thread applies the chunks it reduced, most recent first (its cache)
             for t in prange(n_threads, schedule='static', num_threads=n_threads):
-                _static_block(gl.n_chunks, n_threads, t, &lo, &hi)
+                lo = _static_start(gl.n_chunks, n_threads, t)
+                hi = _static_start(gl.n_chunks, n_threads, t + 1)
                 for kk in range(hi - 1, lo - 1, -1):
                     backward_elementwise_nlc(dy, x, dx, sog, sox, sod, C, kk * gl.chunk_rows,
                                              _rows_end(gl, kk), consts, frozen, act)

@@ -1,5 +1,7 @@
 """Results are bitwise independent of the thread count; the GIL is released; calls from
 many Python threads at once are safe."""
+import pathlib
+import re
 import threading
 
 import numpy as np
@@ -114,3 +116,53 @@ def test_gil_is_released():
     gaps = np.diff(stamps)
     # holding the GIL through a call would stall this loop for a whole call
     assert len(stamps) > 100 and gaps.max() < 0.5 * call, (gaps.max(), call)
+
+
+_PYX = pathlib.Path(__file__).resolve().parents[1] / "src" / "_bn_cpu.pyx"
+
+
+def _prange_bodies(lines):
+    """(line number, body lines) of every prange loop of a Cython source."""
+    for i, line in enumerate(lines):
+        if "prange(" not in line or line.lstrip().startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        body = []
+        for nxt in lines[i + 1:]:
+            if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= indent:
+                break
+            body.append(nxt)
+        yield i + 1, body
+
+
+@pytest.mark.skipif(not _PYX.exists(), reason="needs the source checkout")
+def test_prange_bodies_pass_no_local_by_address():
+    """Cython makes a variable private to a prange thread only where the body assigns it;
+    one filled through `&name` stays shared by the team, a data race (a thread then walks
+    another thread's work range, or none). Elements (`&a[i]`) are fine."""
+    address_of_local = re.compile(r"&([A-Za-z_]\w*)(?![\w\[.])")
+    offenders = [(n, m.group(0)) for n, body in _prange_bodies(_PYX.read_text().splitlines())
+                 for line in body if not line.lstrip().startswith("#")
+                 for m in address_of_local.finditer(line)]
+    assert not offenders, offenders
+
+
+def test_audit_finds_address_of_local():
+    """the audit above can fail"""
+    src = ["for t in prange(n):", "    _block(n, t, &lo, &hi)", "    f(&a[t])", "g(&x)"]
+    bodies = list(_prange_bodies(src))
+    assert bodies == [(1, ["    _block(n, t, &lo, &hi)", "    f(&a[t])"])]
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 500, 7), 1), ((5, 3000), -1), ((2, 3, 5001), 1)])
+def test_thread_ranges_under_oversubscription(shape, axis):
+    """The per-thread work ranges (a channel range per thread; channels-last chunks walked
+    by the thread that reduced them), called many times on more threads than cores: every
+    call writes every output, with the one-thread bits."""
+    x = make_data(shape, np.float64, loc=5.0)
+    fbn.set_num_threads(1)
+    expected = _all_outputs(x, axis)
+    fbn.set_num_threads(8)
+    for _ in range(40):
+        for a, e in zip(_all_outputs(x, axis), expected):
+            np.testing.assert_array_equal(a, e)
