@@ -135,23 +135,32 @@ def _prange_bodies(lines):
         yield i + 1, body
 
 
+_ADDRESS_OF_LOCAL = re.compile(r"&[A-Za-z_]\w*(?![\w\[])")
+
+
+def _address_of_local_offenders(lines):
+    """(prange line, `&name`) for every local passed by address in a prange body."""
+    return [(n, m.group(0)) for n, body in _prange_bodies(lines)
+            for line in body if not line.lstrip().startswith("#")
+            for m in _ADDRESS_OF_LOCAL.finditer(line)]
+
+
 @pytest.mark.skipif(not _PYX.exists(), reason="needs the source checkout")
 def test_prange_bodies_pass_no_local_by_address():
     """Cython makes a variable private to a prange thread only where the body assigns it;
     one filled through `&name` stays shared by the team, a data race (a thread then walks
-    another thread's work range, or none). Elements (`&a[i]`) are fine."""
-    address_of_local = re.compile(r"&([A-Za-z_]\w*)(?![\w\[.])")
-    offenders = [(n, m.group(0)) for n, body in _prange_bodies(_PYX.read_text().splitlines())
-                 for line in body if not line.lstrip().startswith("#")
-                 for m in address_of_local.finditer(line)]
+    another thread's work range, or none). Elements (`&a[i]`) are fine; a local's field
+    (`&m.n`) is not."""
+    offenders = _address_of_local_offenders(_PYX.read_text().splitlines())
     assert not offenders, offenders
 
 
 def test_audit_finds_address_of_local():
     """the audit above can fail"""
-    src = ["for t in prange(n):", "    _block(n, t, &lo, &hi)", "    f(&a[t])", "g(&x)"]
+    src = ["for t in prange(n):", "    _block(n, t, &lo, &hi)", "    f(&a[t], &m.n)", "g(&x)"]
     bodies = list(_prange_bodies(src))
-    assert bodies == [(1, ["    _block(n, t, &lo, &hi)", "    f(&a[t])"])]
+    assert bodies == [(1, ["    _block(n, t, &lo, &hi)", "    f(&a[t], &m.n)"])]
+    assert _address_of_local_offenders(src) == [(1, "&lo"), (1, "&hi"), (1, "&m")]
 
 
 @pytest.mark.parametrize("shape,axis", [((3, 500, 7), 1), ((5, 3000), -1), ((2, 3, 5001), 1)])
