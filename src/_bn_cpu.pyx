@@ -156,9 +156,8 @@ cdef inline idx _static_start(idx n, int n_threads, int t) noexcept nogil:
     [_static_start(t), _static_start(t + 1)).
 
     Returned, not written through pointers: in a prange body Cython makes a variable
-    private only where it is assigned, so `lo`, `hi` filled through `&lo, &hi` were shared
-    by the team, and a thread could walk another thread's range (or none): a channels-last
-    dx left unwritten on a 2-core CI machine, (3, 500, 7) at 7 threads."""
+    private only where the body assigns it; one filled through `&name` is shared by the
+    team, a data race (README, "Development")."""
     cdef idx q = n // n_threads, r = n % n_threads
     return t * q + (t if t < r else r)
 
