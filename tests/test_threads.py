@@ -132,10 +132,13 @@ def test_gil_is_released():
 _PYX = pathlib.Path(__file__).resolve().parents[1] / "src" / "_bn_cpu.pyx"
 
 
+_PRANGE_LOOP = re.compile(r"\s*for\s.*\sin\s+prange\(")
+
+
 def _prange_bodies(lines):
     """(line number, body lines) of every prange loop of a Cython source."""
     for i, line in enumerate(lines):
-        if "prange(" not in line or line.lstrip().startswith("#"):
+        if not _PRANGE_LOOP.match(line):
             continue
         indent = len(line) - len(line.lstrip())
         body = []
