@@ -1479,15 +1479,16 @@ FASTBN_AVX512_HALF void block_sums_nlc_half_tile(const half* x, idx sr, idx C, i
         }
 }
 
-// Channels [0, n16) (a multiple of 16): tiles of 64 channels, then the rest.
-inline FASTBN_AVX512_HALF void block_sums_nlc_half_in_registers(const half* x, idx sr, idx C, idx n16, idx r, idx rend,
-                                                         idx r1, RowsAhead ahead, double* bs, double* bq) {
+// Channels [0, n16) (a multiple of 16) in tiles of G groups of 16: tiles of 64 channels,
+// then the rest. tile(std::integral_constant<int, G>(), c) handles channels [c, c + 16 G).
+template <class Tile>
+FASTBN_INLINE void for_each_half_tile(idx n16, const Tile& tile) {
     idx c = 0;
-    for (; c + 64 <= n16; c += 64) block_sums_nlc_half_tile<4>(x, sr, C, c, r, rend, r1, ahead, bs, bq);
+    for (; c + 64 <= n16; c += 64) tile(std::integral_constant<int, 4>(), c);
     switch ((n16 - c) / 16) {
-        case 3: block_sums_nlc_half_tile<3>(x, sr, C, c, r, rend, r1, ahead, bs, bq); break;
-        case 2: block_sums_nlc_half_tile<2>(x, sr, C, c, r, rend, r1, ahead, bs, bq); break;
-        case 1: block_sums_nlc_half_tile<1>(x, sr, C, c, r, rend, r1, ahead, bs, bq); break;
+        case 3: tile(std::integral_constant<int, 3>(), c); break;
+        case 2: tile(std::integral_constant<int, 2>(), c); break;
+        case 1: tile(std::integral_constant<int, 1>(), c); break;
         default: break;
     }
 }
@@ -1503,7 +1504,9 @@ FASTBN_INLINE void block_moments_nlc_half(const half* x, idx sr, idx C, idx r, i
 #if FASTBN_HAVE_F16C
     if (cv.in_registers && C >= 16) {
         c_begin = C - C % 16;
-        block_sums_nlc_half_in_registers(x, sr, C, c_begin, r, rend, r1, ahead, bs, bq);
+        for_each_half_tile(c_begin, [&](auto G, idx c) {
+            block_sums_nlc_half_tile<decltype(G)::value>(x, sr, C, c, r, rend, r1, ahead, bs, bq);
+        });
     }
 #endif
     for (idx c0 = c_begin; c0 < C; c0 += P) {
@@ -1949,22 +1952,6 @@ FASTBN_AVX512_HALF void sums_rows_nlc_half_tile(const half* dy, const half* x, c
             _mm512_storeu_pd(sxmu + c + 16 * t + 8 * h, sx[t][h]);
         }
 }
-
-// Channels [0, n16) (a multiple of 16): tiles of 64 channels, then the rest.
-template <bool MASK>
-FASTBN_AVX512_HALF void sums_rows_nlc_half_in_registers(const half* dy, const half* x, const half* y, idx srdy,
-                                                        idx srx, idx sry, idx n16, idx r0, idx r1, const double* mean,
-                                                        double* sdy, double* sxmu) {
-    idx c = 0;
-    for (; c + 64 <= n16; c += 64)
-        sums_rows_nlc_half_tile<MASK, 4>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu);
-    switch ((n16 - c) / 16) {
-        case 3: sums_rows_nlc_half_tile<MASK, 3>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu); break;
-        case 2: sums_rows_nlc_half_tile<MASK, 2>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu); break;
-        case 1: sums_rows_nlc_half_tile<MASK, 1>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu); break;
-        default: break;
-    }
-}
 #endif
 
 // float16 rows for sums_rows_nlc: the same sums in the same order (per channel: rows in
@@ -1980,7 +1967,9 @@ FASTBN_INLINE void sums_rows_nlc_half(const half* dy, const half* x, const half*
 #if FASTBN_HAVE_F16C
     if (cv.in_registers && C >= 16) {
         c_begin = C - C % 16;
-        sums_rows_nlc_half_in_registers<MASK>(dy, x, y, srdy, srx, sry, c_begin, r0, r1, mean, sdy, sxmu);
+        for_each_half_tile(c_begin, [&](auto G, idx c) {
+            sums_rows_nlc_half_tile<MASK, decltype(G)::value>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu);
+        });
     }
 #endif
     for (idx c0 = c_begin; c0 < C; c0 += P) {
