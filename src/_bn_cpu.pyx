@@ -29,6 +29,7 @@ ctypedef Py_ssize_t idx
 
 cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     const char* half_conversion_name()
+    bint channel_tiles_available()
     ctypedef struct Epilogue:
         const void* res
         idx res_so
@@ -141,6 +142,12 @@ def half_conversion():
     """The float16 <-> float conversions in use: 'avx512', 'f16c' or 'plain' (the widest
     the CPU has, capped by FASTBN_HALF_CONVERSION=plain|f16c)."""
     return half_conversion_name().decode()
+
+
+def channel_tiles():
+    """True when channels-last elementwise passes keep channel tiles' constants in AVX-512
+    registers (the CPU has AVX-512 F/BW/VL and FASTBN_CHANNEL_TILES is not 'off')."""
+    return bool(channel_tiles_available())
 
 
 def max_threads():

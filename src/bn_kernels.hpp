@@ -1831,11 +1831,245 @@ FASTBN_INLINE void normalize_four_rows_to(const T* x, T* y, idx srx, idx sry, co
     else normalize_four_rows_nlc<T, RES, RELU>(x, srx, res, srr, y, y + sry, y + 2 * sry, y + 3 * sry, C, buf, 0, C);
 }
 
+// ---------------------------------------------------------------- channel tiles in registers
+// Channels-last elementwise passes on AVX-512 CPUs: a tile of up to 64 channels keeps
+// its per-channel constants in registers (four or five vectors of 16 per 16 channels)
+// while it walks the rows, so an element costs a load, the arithmetic and a store, as in
+// the NC layout. Row by row, every 16 elements also loaded their four or five constants,
+// and each row paid a loop set-up of its own (a 64-channel row is four vectors). Rows
+// wider than a tile are walked in blocks that stay in L1 while each tile passes over
+// them. float32, float16 and bfloat16 data; the float code's operations in the same order
+// on the same lanes (the same bits). FASTBN_CHANNEL_TILES=off (read once) turns it off,
+// so that the tests can compare both on one machine.
+#if FASTBN_HAVE_F16C
+#define FASTBN_AVX512_TILES __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c")))
+
+// 16 values of T as floats, and back (masked: lanes of a row's last, partial vector).
+template <class T> struct Lanes16;
+template <> struct Lanes16<float> {
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const float* p, __mmask16 k) {
+        return _mm512_maskz_loadu_ps(k, p);
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(float* p, __m512 v, __mmask16 k) {
+        _mm512_mask_storeu_ps(p, k, v);
+    }
+};
+template <> struct Lanes16<half> {
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const half* p) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const half* p, __mmask16 k) {
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(half* p, __m512 v) {
+        _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(half* p, __m512 v, __mmask16 k) {
+        _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+};
+template <> struct Lanes16<bf16> {
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 widen(__m256i bits) {
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+    // store(bf16*, float) on 16 lanes: round to nearest even, NaN stays a quiet NaN
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m256i narrow(__m512 v) {
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i high = _mm512_srli_epi32(u, 16);
+        const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                      _mm512_set1_epi32(0x7f800000));
+        const __m512i bits = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
+        return _mm512_cvtepi32_epi16(bits);
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const bf16* p) {
+        return widen(_mm256_loadu_si256((const __m256i*)p));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const bf16* p, __mmask16 k) {
+        return widen(_mm256_maskz_loadu_epi16(k, p));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(bf16* p, __m512 v) {
+        _mm256_storeu_si256((__m256i*)p, narrow(v));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(bf16* p, __m512 v, __mmask16 k) {
+        _mm256_mask_storeu_epi16(p, k, narrow(v));
+    }
+};
+
+// Vector g of a tile: the whole 16 lanes, or (TAIL, the tile's last vector) those in k.
+template <class T, bool TAIL>
+FASTBN_AVX512_TILES FASTBN_INLINE __m512 tile_load(const T* p, int g, int G, __mmask16 k) {
+    return TAIL && g == G - 1 ? Lanes16<T>::load(p, k) : Lanes16<T>::load(p);
+}
+template <class T, bool TAIL>
+FASTBN_AVX512_TILES FASTBN_INLINE void tile_store(T* p, __m512 v, int g, int G, __mmask16 k) {
+    if (TAIL && g == G - 1) Lanes16<T>::store(p, v, k);
+    else Lanes16<T>::store(p, v);
+}
+
+// Channels [c, c + 16 (G - 1) + popcount(k)) of rows [r0, r1), row r written at y + (r -
+// y_r0) * sry: y = relu?(((x - mh) - ml)
+// * sc + sh + res?), the constants from prepare_channel_constants (normalize_row_nlc's
+// arithmetic). ahead.rows > 0: ask for the rows that far ahead (the tile that walks a
+// block first).
+template <class T, int G, bool TAIL, bool RES, bool RELU>
+FASTBN_AVX512_TILES void normalize_tile_nlc(const T* x, idx srx, const T* res, idx srr, T* y, idx sry, idx y_r0,
+                                            idx C, const float* buf, idx c, __mmask16 k, idx r0, idx r1,
+                                            idx r_end, idx ahead) {
+    __m512 mh[G], ml[G], sc[G], sh[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+        mh[g] = tile_load<float, TAIL>(buf + c + 16 * g, g, G, k);
+        ml[g] = tile_load<float, TAIL>(buf + C + c + 16 * g, g, G, k);
+        sc[g] = tile_load<float, TAIL>(buf + 2 * C + c + 16 * g, g, G, k);
+        sh[g] = tile_load<float, TAIL>(buf + 3 * C + c + 16 * g, g, G, k);
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    for (idx r = r0; r < r1; ++r) {
+        if (ahead && r + ahead < r_end) {
+            prefetch_rows(x + (r + ahead) * srx, srx, 1, 0, C);
+            if (RES) prefetch_rows(res + (r + ahead) * srr, srr, 1, 0, C);
+        }
+        const T* xr = x + r * srx + c;
+        const T* rr = RES ? res + r * srr + c : res;
+        T* yr = y + (r - y_r0) * sry + c;
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) {
+            __m512 v = _mm512_sub_ps(_mm512_sub_ps(tile_load<T, TAIL>(xr + 16 * g, g, G, k), mh[g]), ml[g]);
+            v = _mm512_add_ps(_mm512_mul_ps(v, sc[g]), sh[g]);
+            if (RES) v = _mm512_add_ps(v, tile_load<T, TAIL>(rr + 16 * g, g, G, k));
+            if (RELU) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
+            tile_store<T, TAIL>(yr + 16 * g, v, g, G, k);
+        }
+    }
+}
+
+// The tile of channels [c, C) (at most 64) with G vectors, the last one partial or not.
+template <class Walk>
+FASTBN_INLINE void for_each_channel_tile(idx C, const Walk& walk) {
+    idx c = 0;
+    for (; c + 64 <= C; c += 64) walk(std::integral_constant<int, 4>(), std::false_type(), c, (__mmask16)0xffff);
+    const idx n = C - c;
+    if (n == 0) return;
+    const __mmask16 k = (__mmask16)((1u << (n % 16 ? n % 16 : 16)) - 1u);
+    const bool tail = n % 16 != 0;
+    switch ((n + 15) / 16) {
+        case 1: tail ? walk(std::integral_constant<int, 1>(), std::true_type(), c, k)
+                     : walk(std::integral_constant<int, 1>(), std::false_type(), c, k); break;
+        case 2: tail ? walk(std::integral_constant<int, 2>(), std::true_type(), c, k)
+                     : walk(std::integral_constant<int, 2>(), std::false_type(), c, k); break;
+        case 3: tail ? walk(std::integral_constant<int, 3>(), std::true_type(), c, k)
+                     : walk(std::integral_constant<int, 3>(), std::false_type(), c, k); break;
+        default: tail ? walk(std::integral_constant<int, 4>(), std::true_type(), c, k)
+                      : walk(std::integral_constant<int, 4>(), std::false_type(), c, k); break;
+    }
+}
+
+// Rows per block when a row is wider than one tile: a block of x stays in L1 (32 KB on
+// the machines this was measured on) while the later tiles re-read it.
+static const idx TILE_BLOCK_BYTES = 16384;
+template <class T> FASTBN_INLINE idx tile_block_rows(idx C, idx rows) {
+    if (C <= 64) return rows;
+    const idx b = TILE_BLOCK_BYTES / (C * (idx)sizeof(T));
+    return b >= 1 ? b : 1;
+}
+
+// Rows [r0, r1) of the output through the tiles, block by block: written in place, or
+// (stream) into an L1 staging block of contiguous rows that is then streamed out.
+// tiles(target, target row stride, target's first row, rb, re) runs every tile over rows
+// [rb, re).
+template <class T, class Tiles>
+FASTBN_INLINE void walk_tile_blocks(T* y, idx sry, idx C, idx r0, idx r1, bool stream, const Tiles& tiles) {
+    if (!stream) {
+        const idx block = tile_block_rows<T>(C, r1 - r0);
+        for (idx rb = r0; rb < r1; rb += block) tiles(y, sry, (idx)0, rb, rb + block < r1 ? rb + block : r1);
+        return;
+    }
+    alignas(64) T stage[STAGE_BYTES / sizeof(T)];
+    const idx block = (idx)(STAGE_BYTES / sizeof(T)) / C;  // C <= STAGE_BYTES / sizeof(T): see tiles_take
+    for (idx rb = r0; rb < r1; rb += block) {
+        const idx re = rb + block < r1 ? rb + block : r1;
+        tiles(stage, C, rb, rb, re);
+        if (sry == C) {
+            stream_copy(y + rb * sry, stage, (size_t)((re - rb) * C) * sizeof(T));
+        } else {
+            for (idx r = rb; r < re; ++r) stream_copy(y + r * sry, stage + (r - rb) * C, (size_t)C * sizeof(T));
+        }
+    }
+}
+
+// Whether the tiles take a pass: AVX-512 (with BW and VL) present and not turned off;
+// float32, float16 or bfloat16 data; streamed outputs only for rows that fit the staging
+// block.
+inline bool pick_channel_tiles() {
+    const char* cap = std::getenv("FASTBN_CHANNEL_TILES");
+    if (cap && std::strcmp(cap, "off") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+inline bool channel_tiles_available() {
+    static const bool available = pick_channel_tiles();
+    return available;
+}
+template <class T> FASTBN_INLINE bool tiles_take(idx C, bool stream) {
+    if constexpr (std::is_same<T, double>::value) {
+        return false;
+    } else {
+        return channel_tiles_available() && (!stream || C * (idx)sizeof(T) <= STAGE_BYTES);
+    }
+}
+
+template <class T, bool RES, bool RELU>
+FASTBN_AVX512_TILES void normalize_tiles_nlc(const T* x, idx srx, const T* res, idx srr, T* y, idx sry, idx C,
+                                             idx r0, idx r1, const void* buf, bool stream) {
+    const float* consts = (const float*)buf;
+    const idx ahead = RowsAhead::of<T>(C).rows;
+    walk_tile_blocks(y, sry, C, r0, r1, stream, [&](T* out, idx so, idx out_r0, idx rb, idx re) FASTBN_LAMBDA_INLINE {
+        bool first = true;
+        for_each_channel_tile(C, [&](auto G, auto tail, idx c, __mmask16 k) FASTBN_LAMBDA_INLINE {
+            normalize_tile_nlc<T, decltype(G)::value, decltype(tail)::value, RES, RELU>(
+                x, srx, res, srr, out, so, out_r0, C, consts, c, k, rb, re, r1, first ? ahead : 0);
+            first = false;
+        });
+    });
+}
+#else
+inline bool channel_tiles_available() { return false; }
+#endif
+
+// Whether normalize_tiles_nlc ran the pass (false: the caller's loops run it).
+template <class T>
+FASTBN_INLINE bool normalize_nlc_in_tiles(const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1,
+                                          const void* buf, const Epilogue& e) {
+#if FASTBN_HAVE_F16C
+    if (!tiles_take<T>(C, e.stream)) return false;
+    if constexpr (!std::is_same<T, double>::value) {
+        const T* res = (const T*)e.res;
+        if (res) {
+            if (e.relu) normalize_tiles_nlc<T, true, true>(x, srx, res, e.res_so, y, sry, C, r0, r1, buf, e.stream);
+            else normalize_tiles_nlc<T, true, false>(x, srx, res, e.res_so, y, sry, C, r0, r1, buf, e.stream);
+        } else {
+            if (e.relu) normalize_tiles_nlc<T, false, true>(x, srx, res, 0, y, sry, C, r0, r1, buf, e.stream);
+            else normalize_tiles_nlc<T, false, false>(x, srx, res, 0, y, sry, C, r0, r1, buf, e.stream);
+        }
+        if (e.stream) stream_fence();
+        return true;
+    }
+#endif
+    (void)x; (void)y; (void)srx; (void)sry; (void)C; (void)r0; (void)r1; (void)buf; (void)e;
+    return false;
+}
+
 // Channels-last rows at least this wide take the four-row kernels with ordinary stores.
 static const idx WIDE_NLC_CHANNELS = 1024;
 template <class T>
 FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1, const void* buf,
                                  Epilogue e) {
+    if (normalize_nlc_in_tiles(x, y, srx, sry, C, r0, r1, buf, e)) return;
     const RowsAhead ahead = RowsAhead::of<T>(C);
     idx r = r0;
     if constexpr (!is_half<T>()) {
@@ -2190,10 +2424,107 @@ FASTBN_INLINE void backward_four_rows_half_streamed(const half* g, const half* x
     stream_copy(dx, out, (size_t)n * sizeof(half));
 }
 
+// ---------------------------------------------------------------- backward in channel tiles
+#if FASTBN_HAVE_F16C
+// dx over channels [c, c + 16 (G - 1) + popcount(k)) of rows [r0, r1), row r of dx written
+// at d + (r - d_r0) * srd, constants from prepare_channel_constants(mean, a, b, c) in
+// registers (see normalize_tile_nlc): backward_row_nlc's arithmetic, the same bits.
+template <class T, int G, bool TAIL, bool MASK, bool DRES, bool FROZEN>
+FASTBN_AVX512_TILES void backward_tile_nlc(const T* dy, idx srg, const T* x, idx srx, const T* y, idx sry,
+                                           T* dres, idx srr, T* d, idx srd, idx d_r0, idx C, const float* buf,
+                                           idx c, __mmask16 k, idx r0, idx r1, idx r_end, idx ahead) {
+    __m512 mh[G], ml[G], ka[G], kb[G], kc[G];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+        ka[g] = tile_load<float, TAIL>(buf + 2 * C + c + 16 * g, g, G, k);
+        if (!FROZEN) {
+            mh[g] = tile_load<float, TAIL>(buf + c + 16 * g, g, G, k);
+            ml[g] = tile_load<float, TAIL>(buf + C + c + 16 * g, g, G, k);
+            kb[g] = tile_load<float, TAIL>(buf + 3 * C + c + 16 * g, g, G, k);
+            kc[g] = tile_load<float, TAIL>(buf + 4 * C + c + 16 * g, g, G, k);
+        }
+    }
+    const __m512 zero = _mm512_setzero_ps();
+    for (idx r = r0; r < r1; ++r) {
+        if (ahead && r + ahead < r_end) {
+            prefetch_rows(dy + (r + ahead) * srg, srg, 1, 0, C);
+            if (!FROZEN) prefetch_rows(x + (r + ahead) * srx, srx, 1, 0, C);
+            if (MASK) prefetch_rows(y + (r + ahead) * sry, sry, 1, 0, C);
+        }
+        const T* gr = dy + r * srg + c;
+        const T* xr = x + r * srx + c;
+        const T* yr = MASK ? y + r * sry + c : y;
+        T* rr = DRES ? dres + r * srr + c : dres;
+        T* dr = d + (r - d_r0) * srd + c;
+#pragma GCC unroll 4
+        for (int g = 0; g < G; ++g) {
+            __m512 gv = tile_load<T, TAIL>(gr + 16 * g, g, G, k);
+            if (MASK)
+                gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(tile_load<T, TAIL>(yr + 16 * g, g, G, k), zero, _CMP_GT_OQ),
+                                         gv);
+            if (DRES) tile_store<T, TAIL>(rr + 16 * g, gv, g, G, k);
+            __m512 v;
+            if (FROZEN) {
+                v = _mm512_mul_ps(gv, ka[g]);
+            } else {
+                const __m512 xm = _mm512_sub_ps(_mm512_sub_ps(tile_load<T, TAIL>(xr + 16 * g, g, G, k), mh[g]), ml[g]);
+                v = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(gv, ka[g]), _mm512_mul_ps(xm, kb[g])), kc[g]);
+            }
+            tile_store<T, TAIL>(dr + 16 * g, v, g, G, k);
+        }
+    }
+}
+
+template <class T, bool MASK, bool DRES, bool FROZEN>
+FASTBN_AVX512_TILES void backward_tiles_nlc(const T* dy, idx srg, const T* x, idx srx, const T* y, idx sry,
+                                            T* dres, idx srr, T* dx, idx srd, idx C, idx r0, idx r1,
+                                            const void* buf, bool stream) {
+    const float* consts = (const float*)buf;
+    const idx ahead = RowsAhead::of<T>(C).rows;
+    walk_tile_blocks(dx, srd, C, r0, r1, stream, [&](T* out, idx so, idx out_r0, idx rb, idx re) FASTBN_LAMBDA_INLINE {
+        bool first = true;
+        for_each_channel_tile(C, [&](auto G, auto tail, idx c, __mmask16 k) FASTBN_LAMBDA_INLINE {
+            backward_tile_nlc<T, decltype(G)::value, decltype(tail)::value, MASK, DRES, FROZEN>(
+                dy, srg, x, srx, y, sry, dres, srr, out, so, out_r0, C, consts, c, k, rb, re, r1, first ? ahead : 0);
+            first = false;
+        });
+    });
+}
+
+template <class T, bool FROZEN>
+FASTBN_INLINE void backward_tiles_nlc_any(const T* dy, idx srg, const T* x, idx srx, T* dx, idx srd, idx C,
+                                          idx r0, idx r1, const void* buf, const Activation& act) {
+    const T* y = (const T*)act.y;
+    T* dres = (T*)act.dres;
+    if (!y) backward_tiles_nlc<T, false, false, FROZEN>(dy, srg, x, srx, y, 0, dres, 0, dx, srd, C, r0, r1, buf, act.stream);
+    else if (!dres) backward_tiles_nlc<T, true, false, FROZEN>(dy, srg, x, srx, y, act.y_so, dres, 0, dx, srd, C, r0, r1, buf, act.stream);
+    else backward_tiles_nlc<T, true, true, FROZEN>(dy, srg, x, srx, y, act.y_so, dres, act.dres_so, dx, srd, C, r0, r1, buf, act.stream);
+}
+#endif
+
+// Whether backward_tiles_nlc ran the pass (false: the caller's loops run it).
+template <class T>
+FASTBN_INLINE bool backward_nlc_in_tiles(const T* dy, const T* x, T* dx, idx srdy, idx srx, idx srdx, idx C, idx r0,
+                                         idx r1, const void* buf, bool frozen, const Activation& act) {
+#if FASTBN_HAVE_F16C
+    if (!tiles_take<T>(C, act.stream)) return false;
+    if constexpr (!std::is_same<T, double>::value) {
+        if (frozen) backward_tiles_nlc_any<T, true>(dy, srdy, x, srx, dx, srdx, C, r0, r1, buf, act);
+        else backward_tiles_nlc_any<T, false>(dy, srdy, x, srx, dx, srdx, C, r0, r1, buf, act);
+        if (act.stream) stream_fence();
+        return true;
+    }
+#endif
+    (void)dy; (void)x; (void)dx; (void)srdy; (void)srx; (void)srdx; (void)C; (void)r0; (void)r1; (void)buf;
+    (void)frozen; (void)act;
+    return false;
+}
+
 // dx over rows [r0, r1); constants from prepare_channel_constants(mean, a, b, c).
 template <class T>
 FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx srdy, idx srx, idx srdx, idx C,
                                             idx r0, idx r1, const void* buf, bool frozen, Activation act) {
+    if (backward_nlc_in_tiles(dy, x, dx, srdy, srx, srdx, C, r0, r1, buf, frozen, act)) return;
     const RowsAhead ahead = RowsAhead::of<T>(C);
     idx r = r0;
     if constexpr (!is_half<T>()) {

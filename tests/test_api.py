@@ -651,3 +651,96 @@ def test_streamed_backward_kernel_gives_the_same_bits(shape, dtype, variant):
                                        xm * b.reshape(shape_c) + c.reshape(shape_c))
     tol = _formula_tolerance(dtype)
     np.testing.assert_allclose(outs[0].astype(np.float64), expect, rtol=tol, atol=tol * 4)
+
+
+_TILES_CASES = [((301, 64), -1), ((97, 16), -1), ((53, 5), -1), ((41, 70), -1),
+                ((2, 9, 7, 200), -1), ((13, 256), -1), ((9, 1030), -1), ((33, 6, 2), 1)]
+
+
+def _tile_outputs(dtype_name, stream):
+    """Every channels-last elementwise pass (inference, training forward, backward, with and
+    without a fused residual/ReLU, frozen statistics) on data with NaN, Inf, signed zeros
+    and subnormals, on contiguous arrays and on views whose rows are farther apart."""
+    import numpy as np
+    import fastbn as fbn
+    from fastbn import _backend_cpu
+    saved = _backend_cpu._STREAM_MIN_BYTES
+    _backend_cpu._STREAM_MIN_BYTES = 0 if stream else float("inf")
+    try:
+        return _tile_outputs_of(dtype_name)
+    finally:
+        _backend_cpu._STREAM_MIN_BYTES = saved
+
+
+def _tile_outputs_of(dtype_name):
+    import numpy as np
+    import fastbn as fbn
+    if dtype_name == "bfloat16":
+        import ml_dtypes
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(dtype_name)
+    out = {}
+    for i, (shape, axis) in enumerate(_TILES_CASES):
+        rng = np.random.default_rng(i)
+        wide = shape[:-1] + (shape[-1] + 3,)
+        for view in (False, True):
+            def data(loc):
+                a = rng.normal(loc, 2.0, size=wide if view else shape).astype(np.float32)
+                a.ravel()[:6] = (np.nan, np.inf, -np.inf, -0.0, 1e-41, -3e-39)
+                a = a.astype(dtype)
+                return a[..., :shape[-1]] if view else a
+            x, res, dy = data(0.5), data(0.0), data(0.0)
+            C = shape[axis]
+            w, b = np.linspace(0.5, 1.5, C), np.linspace(-1, 1, C)
+            rm, rv = np.linspace(-1, 1, C), np.linspace(0.5, 2, C)
+            key = f"{i}-{view}"
+            out[key + "-infer"] = fbn.batch_norm(x, rm, rv, w, b, axis=axis)
+            out[key + "-infer-fused"] = fbn.batch_norm(x, rm, rv, w, b, axis=axis,
+                                                       activation="relu", residual=res)
+            y, mean, invstd = fbn.batch_norm_forward(x, w, b, axis=axis, activation="relu",
+                                                     residual=res)
+            out[key + "-train"] = y
+            out[key + "-dx"] = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)[0]
+            dx, _, _, dres = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                                     activation="relu", y=y,
+                                                     return_residual_grad=True)
+            out[key + "-dx-relu"], out[key + "-dres"] = dx, dres
+            out[key + "-dx-frozen"] = fbn.batch_norm_backward(
+                dy, x, rm, 1 / np.sqrt(rv + 1e-5), w, training=False, axis=axis)[0]
+    return {k: np.ascontiguousarray(v).view(np.uint8) for k, v in out.items()}
+
+
+_TILES_OFF_RUN = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from test_api import _tile_outputs
+from fastbn import _bn_cpu
+assert not _bn_cpu.channel_tiles()
+np.savez({path!r}, **_tile_outputs({dtype!r}, {stream!r}))
+"""
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["stored", "streamed"])
+@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+def test_channel_tiles_give_the_same_bits(dtype_name, stream, tmp_path):
+    """Channels-last elementwise passes with channel tiles' constants in AVX-512 registers
+    (masked tails, blocks of rows wider than a tile, streamed outputs through staging)
+    give the bits of the row-by-row loops that a CPU without AVX-512 runs: the same
+    outputs in a process with FASTBN_CHANNEL_TILES=off, byte for byte."""
+    if dtype_name == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    if not _bn_cpu.channel_tiles():
+        pytest.skip("this CPU has no AVX-512 BW/VL: only the row-by-row loops run")
+    path = tmp_path / "off.npz"
+    env = dict(os.environ, FASTBN_CHANNEL_TILES="off")
+    code = _TILES_OFF_RUN.format(tests=os.path.dirname(__file__), path=str(path),
+                                 dtype=dtype_name, stream=stream)
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    off = np.load(path)
+    on = _tile_outputs(dtype_name, stream)
+    assert sorted(on) == sorted(off.files)
+    for key, value in on.items():
+        np.testing.assert_array_equal(value, off[key], err_msg=key)
