@@ -2139,13 +2139,19 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
 }
 
 #if FASTBN_HAVE_F16C
-// The function below's sums for channels [c, c + 16 G) in registers (see load_half16): the
-// rows walked once for G groups of 16 channels (a pass per group read each row G times),
-// the same additions in the same order per channel.
-template <bool MASK, int G>
-FASTBN_AVX512_HALF void sums_rows_nlc_half_tile(const half* dy, const half* x, const half* y, idx srdy, idx srx,
-                                                idx sry, idx c, idx r0, idx r1, const double* mean, double* sdy,
-                                                double* sxmu) {
+// sums_rows_nlc's sums for channels [c, c + 16 G) in registers (see normalize_tile_nlc):
+// the rows walked once for G groups of 16 channels (a pass per group read each row G
+// times), the same additions in the same order per channel. float32, float16 and
+// bfloat16 data.
+template <class T, bool MASK>
+FASTBN_AVX512_TILES FASTBN_INLINE __m512 masked_grad16(const T* g, const T* y) {
+    __m512 gv = Lanes16<T>::load(g);
+    if (MASK) gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(Lanes16<T>::load(y), _mm512_setzero_ps(), _CMP_GT_OQ), gv);
+    return gv;
+}
+template <class T, bool MASK, int G>
+FASTBN_AVX512_TILES void sums_rows_nlc_tile(const T* dy, const T* x, const T* y, idx srdy, idx srx, idx sry, idx c,
+                                            idx r0, idx r1, const double* mean, double* sdy, double* sxmu) {
     __m512d sg[G][2], sx[G][2], mu[G][2];
     for (int t = 0; t < G; ++t)
         for (int h = 0; h < 2; ++h) {
@@ -2157,9 +2163,9 @@ FASTBN_AVX512_HALF void sums_rows_nlc_half_tile(const half* dy, const half* x, c
     for (; r + 2 <= r1; r += 2) {
         for (int t = 0; t < G; ++t) {
             const idx ct = c + 16 * t;
-            const __m512 ga = masked_grad_half16<MASK>(dy + r * srdy + ct, MASK ? y + r * sry + ct : y);
-            const __m512 gb = masked_grad_half16<MASK>(dy + (r + 1) * srdy + ct, MASK ? y + (r + 1) * sry + ct : y);
-            const __m512 xa = load_half16(x + r * srx + ct), xb = load_half16(x + (r + 1) * srx + ct);
+            const __m512 ga = masked_grad16<T, MASK>(dy + r * srdy + ct, MASK ? y + r * sry + ct : y);
+            const __m512 gb = masked_grad16<T, MASK>(dy + (r + 1) * srdy + ct, MASK ? y + (r + 1) * sry + ct : y);
+            const __m512 xa = Lanes16<T>::load(x + r * srx + ct), xb = Lanes16<T>::load(x + (r + 1) * srx + ct);
             for (int h = 0; h < 2; ++h) {
                 const __m512d a = widen_half_of(ga, h), b = widen_half_of(gb, h);
                 sg[t][h] = _mm512_add_pd(sg[t][h], _mm512_add_pd(a, b));
@@ -2172,8 +2178,8 @@ FASTBN_AVX512_HALF void sums_rows_nlc_half_tile(const half* dy, const half* x, c
     for (; r < r1; ++r)
         for (int t = 0; t < G; ++t) {
             const idx ct = c + 16 * t;
-            const __m512 ga = masked_grad_half16<MASK>(dy + r * srdy + ct, MASK ? y + r * sry + ct : y);
-            const __m512 xa = load_half16(x + r * srx + ct);
+            const __m512 ga = masked_grad16<T, MASK>(dy + r * srdy + ct, MASK ? y + r * sry + ct : y);
+            const __m512 xa = Lanes16<T>::load(x + r * srx + ct);
             for (int h = 0; h < 2; ++h) {
                 const __m512d a = widen_half_of(ga, h);
                 sg[t][h] = _mm512_add_pd(sg[t][h], a);
@@ -2188,6 +2194,26 @@ FASTBN_AVX512_HALF void sums_rows_nlc_half_tile(const half* dy, const half* x, c
 }
 #endif
 
+// The channels [0, C - C % 16) of sums_rows_nlc in register tiles where the CPU has them
+// -> the first channel left to the caller's loops.
+template <class T, bool MASK>
+FASTBN_INLINE idx sums_rows_nlc_in_tiles(const T* dy, const T* x, const T* y, idx srdy, idx srx, idx sry, idx C,
+                                         idx r0, idx r1, const double* mean, double* sdy, double* sxmu) {
+#if FASTBN_HAVE_F16C
+    if constexpr (!std::is_same<T, double>::value) {
+        if (!channel_tiles_available() || C < 16) return 0;
+        const idx c_end = C - C % 16;
+        for_each_half_tile(c_end, [&](auto G, idx c) {
+            sums_rows_nlc_tile<T, MASK, decltype(G)::value>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu);
+        });
+        return c_end;
+    }
+#endif
+    (void)dy; (void)x; (void)y; (void)srdy; (void)srx; (void)sry; (void)C; (void)r0; (void)r1; (void)mean;
+    (void)sdy; (void)sxmu;
+    return 0;
+}
+
 // float16 rows for sums_rows_nlc: the same sums in the same order (per channel: rows in
 // pairs, then a single row), on float pieces of HALF_PIECE / 2 channels.
 template <bool MASK>
@@ -2197,15 +2223,9 @@ FASTBN_INLINE void sums_rows_nlc_half(const half* dy, const half* x, const half*
     const idx P = HALF_PIECE / 2;
     alignas(64) float g[2][HALF_PIECE / 2], xf[2][HALF_PIECE / 2], yf[2][MASK ? HALF_PIECE / 2 : 1];
     const HalfConverters& cv = half_converters();
-    idx c_begin = 0;
-#if FASTBN_HAVE_F16C
-    if (cv.in_registers && C >= 16) {
-        c_begin = C - C % 16;
-        for_each_half_tile(c_begin, [&](auto G, idx c) {
-            sums_rows_nlc_half_tile<MASK, decltype(G)::value>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu);
-        });
-    }
-#endif
+    const idx c_begin = cv.in_registers ? sums_rows_nlc_in_tiles<half, MASK>(dy, x, y, srdy, srx, sry, C, r0, r1,
+                                                                             mean, sdy, sxmu)
+                                        : 0;
     for (idx c0 = c_begin; c0 < C; c0 += P) {
         const idx n = C - c0 < P ? C - c0 : P;
         idx r = r0;
@@ -2253,7 +2273,8 @@ FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, 
         sums_rows_nlc_half<MASK>(dy, x, y, srdy, srx, sry, C, r0, r1, mean, sdy, sxmu);
         return;
     }
-    for (idx c0 = 0; c0 < C; c0 += SUMS_TILE) {
+    for (idx c0 = sums_rows_nlc_in_tiles<T, MASK>(dy, x, y, srdy, srx, sry, C, r0, r1, mean, sdy, sxmu); c0 < C;
+         c0 += SUMS_TILE) {
         const idx n = C - c0 < SUMS_TILE ? C - c0 : SUMS_TILE;
         const T* dyt = dy + c0;
         const T* xt = x + c0;

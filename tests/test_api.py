@@ -701,8 +701,9 @@ def _tile_outputs_of(dtype_name):
             y, mean, invstd = fbn.batch_norm_forward(x, w, b, axis=axis, activation="relu",
                                                      residual=res)
             out[key + "-train"] = y
-            out[key + "-dx"] = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)[0]
-            dx, _, _, dres = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+            out[key + "-dx"], out[key + "-dw"], out[key + "-db"] = fbn.batch_norm_backward(
+                dy, x, mean, invstd, w, axis=axis)
+            dx, out[key + "-dw-relu"], _, dres = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
                                                      activation="relu", y=y,
                                                      return_residual_grad=True)
             out[key + "-dx-relu"], out[key + "-dres"] = dx, dres
@@ -724,10 +725,11 @@ np.savez({path!r}, **_tile_outputs({dtype!r}, {stream!r}))
 @pytest.mark.parametrize("stream", [False, True], ids=["stored", "streamed"])
 @pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
 def test_channel_tiles_give_the_same_bits(dtype_name, stream, tmp_path):
-    """Channels-last elementwise passes with channel tiles' constants in AVX-512 registers
-    (masked tails, blocks of rows wider than a tile, streamed outputs through staging)
-    give the bits of the row-by-row loops that a CPU without AVX-512 runs: the same
-    outputs in a process with FASTBN_CHANNEL_TILES=off, byte for byte."""
+    """Channels-last passes with channel tiles in AVX-512 registers (the elementwise
+    passes' constants, with masked tails, blocks of rows wider than a tile, streamed
+    outputs through staging; the backward sums' accumulators) give the bits of the loops
+    that a CPU without AVX-512 runs: the same outputs in a process with
+    FASTBN_CHANNEL_TILES=off, byte for byte."""
     if dtype_name == "bfloat16":
         pytest.importorskip("ml_dtypes")
     if not _bn_cpu.channel_tiles():
