@@ -201,6 +201,82 @@ struct HalfTail {
 };
 #endif
 
+// AVX-512 loops that keep tiles of channels in registers (see normalize_tile_nlc), for
+// float32, float16 and bfloat16 data. FASTBN_CHANNEL_TILES=off (read once) turns them
+// off, so that the tests can compare them with the loops other CPUs run.
+#if FASTBN_HAVE_F16C
+#define FASTBN_AVX512_TILES __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c")))
+
+// 16 values of T as floats, and back (masked: lanes of a row's last, partial vector).
+template <class T> struct Lanes16;
+template <> struct Lanes16<float> {
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const float* p, __mmask16 k) {
+        return _mm512_maskz_loadu_ps(k, p);
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(float* p, __m512 v, __mmask16 k) {
+        _mm512_mask_storeu_ps(p, k, v);
+    }
+};
+template <> struct Lanes16<half> {
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const half* p) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const half* p, __mmask16 k) {
+        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(half* p, __m512 v) {
+        _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(half* p, __m512 v, __mmask16 k) {
+        _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    }
+};
+template <> struct Lanes16<bf16> {
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 widen(__m256i bits) {
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+    }
+    // store(bf16*, float) on 16 lanes: round to nearest even, NaN stays a quiet NaN
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m256i narrow(__m512 v) {
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i high = _mm512_srli_epi32(u, 16);
+        const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
+        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                      _mm512_set1_epi32(0x7f800000));
+        const __m512i bits = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
+        return _mm512_cvtepi32_epi16(bits);
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const bf16* p) {
+        return widen(_mm256_loadu_si256((const __m256i*)p));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const bf16* p, __mmask16 k) {
+        return widen(_mm256_maskz_loadu_epi16(k, p));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(bf16* p, __m512 v) {
+        _mm256_storeu_si256((__m256i*)p, narrow(v));
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(bf16* p, __m512 v, __mmask16 k) {
+        _mm256_mask_storeu_epi16(p, k, narrow(v));
+    }
+};
+
+inline bool pick_channel_tiles() {
+    const char* cap = std::getenv("FASTBN_CHANNEL_TILES");
+    if (cap && std::strcmp(cap, "off") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+inline bool channel_tiles_available() {
+    static const bool available = pick_channel_tiles();
+    return available;
+}
+#else
+inline bool channel_tiles_available() { return false; }
+#endif
+
 struct HalfConverters {
     void (*to_float)(const half*, float*, idx);
     void (*to_half)(const float*, half*, idx);
@@ -1427,15 +1503,15 @@ FASTBN_INLINE void finish_shifted_nlc(const T* x, idx sr, idx C, idx r, idx rend
 // order (per channel: rows in groups of four, then single rows), on float pieces of
 // HALF_PIECE / 4 channels converted with half_converters().
 #if FASTBN_HAVE_F16C
-// block_moments_nlc_half's sums for channels [c, c + 16 G) in registers (see load_half16):
-// the block's rows walked once for G groups of 16 channels, the same additions in the same
-// order per channel. The first tile asks for the rows ahead.
-template <int G>
-FASTBN_AVX512_HALF void block_sums_nlc_half_tile(const half* x, idx sr, idx C, idx c, idx r, idx rend, idx r1,
-                                                 RowsAhead ahead, double* bs, double* bq) {
+// chunk_moments_nlc's block sums for channels [c, c + 16 G) in registers: the block's rows
+// walked once for G groups of 16 channels, the same additions in the same order per
+// channel. The first tile asks for the rows ahead. float32, float16 and bfloat16 data.
+template <class T, int G>
+FASTBN_AVX512_TILES void block_sums_nlc_tile(const T* x, idx sr, idx C, idx c, idx r, idx rend, idx r1,
+                                             RowsAhead ahead, double* bs, double* bq) {
     __m512d k[G][2], s[G][2], q[G][2];
     for (int t = 0; t < G; ++t) {
-        const __m512 kf = load_half16(x + r * sr + c + 16 * t);
+        const __m512 kf = Lanes16<T>::load(x + r * sr + c + 16 * t);
         for (int h = 0; h < 2; ++h) {
             k[t][h] = widen_half_of(kf, h);
             s[t][h] = _mm512_setzero_pd();
@@ -1447,8 +1523,9 @@ FASTBN_AVX512_HALF void block_sums_nlc_half_tile(const half* x, idx sr, idx C, i
         if (c == 0)
             for (idx j = 0; j < 4; ++j) prefetch_ahead_nlc(x, sr, C, rr + j, r1, ahead);
         for (int t = 0; t < G; ++t) {
-            const half* p = x + rr * sr + c + 16 * t;
-            const __m512 f[4] = {load_half16(p), load_half16(p + sr), load_half16(p + 2 * sr), load_half16(p + 3 * sr)};
+            const T* p = x + rr * sr + c + 16 * t;
+            const __m512 f[4] = {Lanes16<T>::load(p), Lanes16<T>::load(p + sr), Lanes16<T>::load(p + 2 * sr),
+                                   Lanes16<T>::load(p + 3 * sr)};
             for (int h = 0; h < 2; ++h) {
                 const __m512d d0 = _mm512_sub_pd(widen_half_of(f[0], h), k[t][h]);
                 const __m512d d1 = _mm512_sub_pd(widen_half_of(f[1], h), k[t][h]);
@@ -1464,7 +1541,7 @@ FASTBN_AVX512_HALF void block_sums_nlc_half_tile(const half* x, idx sr, idx C, i
     for (; rr < rend; ++rr) {
         if (c == 0) prefetch_ahead_nlc(x, sr, C, rr, r1, ahead);
         for (int t = 0; t < G; ++t) {
-            const __m512 f = load_half16(x + rr * sr + c + 16 * t);
+            const __m512 f = Lanes16<T>::load(x + rr * sr + c + 16 * t);
             for (int h = 0; h < 2; ++h) {
                 const __m512d d = _mm512_sub_pd(widen_half_of(f, h), k[t][h]);
                 s[t][h] = _mm512_add_pd(s[t][h], d);
@@ -1494,21 +1571,32 @@ FASTBN_INLINE void for_each_half_tile(idx n16, const Tile& tile) {
 }
 #endif
 
+// The block sums of channels [0, C - C % 16) in register tiles where the CPU has them
+// -> the first channel left to the caller's loops (0: all of them, prefetching included).
+template <class T>
+FASTBN_INLINE idx block_sums_nlc_in_tiles(const T* x, idx sr, idx C, idx r, idx rend, idx r1, RowsAhead ahead,
+                                          double* bs, double* bq) {
+#if FASTBN_HAVE_F16C
+    if constexpr (!std::is_same<T, double>::value) {
+        if (!channel_tiles_available() || C < 16) return 0;
+        const idx c_end = C - C % 16;
+        for_each_half_tile(c_end, [&](auto G, idx c) {
+            block_sums_nlc_tile<T, decltype(G)::value>(x, sr, C, c, r, rend, r1, ahead, bs, bq);
+        });
+        return c_end;
+    }
+#endif
+    (void)x; (void)sr; (void)C; (void)r; (void)rend; (void)r1; (void)ahead; (void)bs; (void)bq;
+    return 0;
+}
+
 FASTBN_INLINE void block_moments_nlc_half(const half* x, idx sr, idx C, idx r, idx rend, idx r1, double nb,
                                           double* __restrict__ bs, double* __restrict__ bq) {
     const idx P = HALF_PIECE / 4;
     alignas(64) float f[4][HALF_PIECE / 4], k[HALF_PIECE / 4];
     const HalfConverters& cv = half_converters();
     const RowsAhead ahead = RowsAhead::of<half>(C, STATS_PREFETCH_AHEAD);
-    idx c_begin = 0;
-#if FASTBN_HAVE_F16C
-    if (cv.in_registers && C >= 16) {
-        c_begin = C - C % 16;
-        for_each_half_tile(c_begin, [&](auto G, idx c) {
-            block_sums_nlc_half_tile<decltype(G)::value>(x, sr, C, c, r, rend, r1, ahead, bs, bq);
-        });
-    }
-#endif
+    const idx c_begin = cv.in_registers ? block_sums_nlc_in_tiles(x, sr, C, r, rend, r1, ahead, bs, bq) : 0;
     for (idx c0 = c_begin; c0 < C; c0 += P) {
         const idx n = C - c0 < P ? C - c0 : P;
         double* __restrict__ s = bs + c0;
@@ -1571,15 +1659,17 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
             // 0.95-0.99 -> 0.70-0.77 ms, (25088, 256) 1.09-1.15 -> 0.79-0.80 ms, (256, 2048)
             // 0.088-0.092 -> 0.080 ms.
             const T* __restrict__ xk = x + r * sr;
-            for (idx c = 0; c < C; ++c) { bs[c] = 0; bq[c] = 0; }
             idx rr = r, rend = r + nb_rows;
-            for (; rr + 4 <= rend; rr += 4) {
+            const idx c_begin = block_sums_nlc_in_tiles(x, sr, C, r, rend, r1, ahead, bs, bq);
+            for (idx c = c_begin; c < C; ++c) { bs[c] = 0; bq[c] = 0; }
+            for (; rr + 4 <= rend && c_begin < C; rr += 4) {
                 const T* __restrict__ x0 = x + rr * sr;
                 const T* __restrict__ x1 = x0 + sr;
                 const T* __restrict__ x2 = x1 + sr;
                 const T* __restrict__ x3 = x2 + sr;
-                for (idx j = 0; j < 4; ++j) prefetch_ahead_nlc(x, sr, C, rr + j, r1, ahead);
-                for (idx c = 0; c < C; ++c) {
+                if (c_begin == 0)
+                    for (idx j = 0; j < 4; ++j) prefetch_ahead_nlc(x, sr, C, rr + j, r1, ahead);
+                for (idx c = c_begin; c < C; ++c) {
                     double K = to_double(xk[c]);
                     double d0 = to_double(x0[c]) - K, d1 = to_double(x1[c]) - K;
                     double d2 = to_double(x2[c]) - K, d3 = to_double(x3[c]) - K;
@@ -1587,10 +1677,10 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
                     bq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
                 }
             }
-            for (; rr < rend; ++rr) {
+            for (; rr < rend && c_begin < C; ++rr) {
                 const T* __restrict__ xr = x + rr * sr;
-                prefetch_ahead_nlc(x, sr, C, rr, r1, ahead);
-                for (idx c = 0; c < C; ++c) {
+                if (c_begin == 0) prefetch_ahead_nlc(x, sr, C, rr, r1, ahead);
+                for (idx c = c_begin; c < C; ++c) {
                     double d = to_double(xr[c]) - to_double(xk[c]);
                     bs[c] += d;
                     bq[c] += d * d;
@@ -1842,63 +1932,6 @@ FASTBN_INLINE void normalize_four_rows_to(const T* x, T* y, idx srx, idx sry, co
 // on the same lanes (the same bits). FASTBN_CHANNEL_TILES=off (read once) turns it off,
 // so that the tests can compare both on one machine.
 #if FASTBN_HAVE_F16C
-#define FASTBN_AVX512_TILES __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c")))
-
-// 16 values of T as floats, and back (masked: lanes of a row's last, partial vector).
-template <class T> struct Lanes16;
-template <> struct Lanes16<float> {
-    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
-    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const float* p, __mmask16 k) {
-        return _mm512_maskz_loadu_ps(k, p);
-    }
-    FASTBN_AVX512_TILES FASTBN_INLINE static void store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-    FASTBN_AVX512_TILES FASTBN_INLINE static void store(float* p, __m512 v, __mmask16 k) {
-        _mm512_mask_storeu_ps(p, k, v);
-    }
-};
-template <> struct Lanes16<half> {
-    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const half* p) {
-        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
-    }
-    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const half* p, __mmask16 k) {
-        return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
-    }
-    FASTBN_AVX512_TILES FASTBN_INLINE static void store(half* p, __m512 v) {
-        _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-    }
-    FASTBN_AVX512_TILES FASTBN_INLINE static void store(half* p, __m512 v, __mmask16 k) {
-        _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-    }
-};
-template <> struct Lanes16<bf16> {
-    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 widen(__m256i bits) {
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-    }
-    // store(bf16*, float) on 16 lanes: round to nearest even, NaN stays a quiet NaN
-    FASTBN_AVX512_TILES FASTBN_INLINE static __m256i narrow(__m512 v) {
-        const __m512i u = _mm512_castps_si512(v);
-        const __m512i high = _mm512_srli_epi32(u, 16);
-        const __m512i odd = _mm512_and_si512(high, _mm512_set1_epi32(1));
-        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), odd), 16);
-        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                      _mm512_set1_epi32(0x7f800000));
-        const __m512i bits = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
-        return _mm512_cvtepi32_epi16(bits);
-    }
-    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const bf16* p) {
-        return widen(_mm256_loadu_si256((const __m256i*)p));
-    }
-    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 load(const bf16* p, __mmask16 k) {
-        return widen(_mm256_maskz_loadu_epi16(k, p));
-    }
-    FASTBN_AVX512_TILES FASTBN_INLINE static void store(bf16* p, __m512 v) {
-        _mm256_storeu_si256((__m256i*)p, narrow(v));
-    }
-    FASTBN_AVX512_TILES FASTBN_INLINE static void store(bf16* p, __m512 v, __mmask16 k) {
-        _mm256_mask_storeu_epi16(p, k, narrow(v));
-    }
-};
-
 // Vector g of a tile: the whole 16 lanes, or (TAIL, the tile's last vector) those in k.
 template <class T, bool TAIL>
 FASTBN_AVX512_TILES FASTBN_INLINE __m512 tile_load(const T* p, int g, int G, __mmask16 k) {
@@ -2010,17 +2043,6 @@ FASTBN_INLINE void walk_tile_blocks(T* y, idx sry, idx C, idx r0, idx r1, bool s
 // element against 0.23 in tiles, whose blocks walk each row a 64-channel slice at a
 // time); 16-bit rows gain at every width from converting in registers.
 static const idx TILES_FLOAT_MAX_CHANNELS = 256;
-inline bool pick_channel_tiles() {
-    const char* cap = std::getenv("FASTBN_CHANNEL_TILES");
-    if (cap && std::strcmp(cap, "off") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-}
-inline bool channel_tiles_available() {
-    static const bool available = pick_channel_tiles();
-    return available;
-}
 template <class T> FASTBN_INLINE bool tiles_take(idx C, bool stream) {
     if constexpr (std::is_same<T, double>::value) {
         return false;
@@ -2044,8 +2066,6 @@ FASTBN_AVX512_TILES void normalize_tiles_nlc(const T* x, idx srx, const T* res, 
         });
     });
 }
-#else
-inline bool channel_tiles_available() { return false; }
 #endif
 
 // Whether normalize_tiles_nlc ran the pass (false: the caller's loops run it).

@@ -700,7 +700,8 @@ def _tile_outputs_of(dtype_name):
                                                        activation="relu", residual=res)
             y, mean, invstd = fbn.batch_norm_forward(x, w, b, axis=axis, activation="relu",
                                                      residual=res)
-            out[key + "-train"] = y
+            out[key + "-train"], out[key + "-mean"], out[key + "-invstd"] = y, mean, invstd
+            out[key + "-var"] = fbn.moments(x, axis=axis, ddof=1)[1]
             out[key + "-dx"], out[key + "-dw"], out[key + "-db"] = fbn.batch_norm_backward(
                 dy, x, mean, invstd, w, axis=axis)
             dx, out[key + "-dw-relu"], _, dres = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
@@ -727,7 +728,8 @@ np.savez({path!r}, **_tile_outputs({dtype!r}, {stream!r}))
 def test_channel_tiles_give_the_same_bits(dtype_name, stream, tmp_path):
     """Channels-last passes with channel tiles in AVX-512 registers (the elementwise
     passes' constants, with masked tails, blocks of rows wider than a tile, streamed
-    outputs through staging; the backward sums' accumulators) give the bits of the loops
+    outputs through staging; the accumulators of the statistics and of the backward
+    sums) give the bits of the loops
     that a CPU without AVX-512 runs: the same outputs in a process with
     FASTBN_CHANNEL_TILES=off, byte for byte."""
     if dtype_name == "bfloat16":
