@@ -124,6 +124,9 @@ def default_cases(quick):
         cases += [Case(op, big, "float16", torch_dtype="bfloat16",
                        label=f"{op} {'x'.join(map(str, big))} float16 (torch bfloat16)")
                   for op in ("train", "infer", "backward")]
+        cases += [Case(op, big, "float16", layout="nhwc", torch_dtype="bfloat16",
+                       label=f"{op} {'x'.join(map(str, big))} nhwc float16 (torch bfloat16)")
+                  for op in ("train", "infer", "backward")]
     cases += [Case("train", (16, 32, 8, 8), label="small train 16x32x8x8 (whole call)")]
     return cases
 

@@ -1943,6 +1943,14 @@ FASTBN_AVX512_TILES FASTBN_INLINE void tile_store(T* p, __m512 v, int g, int G, 
     else Lanes16<T>::store(p, v);
 }
 
+// Constant array j of prepare_channel_constants (C floats each) for a tile's G vectors.
+template <bool TAIL, int G>
+FASTBN_AVX512_TILES FASTBN_INLINE void load_tile_constants(const float* buf, idx C, idx c, __mmask16 k, int j,
+                                                           __m512* v) {
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) v[g] = tile_load<float, TAIL>(buf + j * C + c + 16 * g, g, G, k);
+}
+
 // Channels [c, c + 16 (G - 1) + popcount(k)) of rows [r0, r1), row r written at y + (r -
 // y_r0) * sry: y = relu?(((x - mh) - ml)
 // * sc + sh + res?), the constants from prepare_channel_constants (normalize_row_nlc's
@@ -1953,13 +1961,10 @@ FASTBN_AVX512_TILES void normalize_tile_nlc(const T* x, idx srx, const T* res, i
                                             idx C, const float* buf, idx c, __mmask16 k, idx r0, idx r1,
                                             idx r_end, idx ahead) {
     __m512 mh[G], ml[G], sc[G], sh[G];
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) {
-        mh[g] = tile_load<float, TAIL>(buf + c + 16 * g, g, G, k);
-        ml[g] = tile_load<float, TAIL>(buf + C + c + 16 * g, g, G, k);
-        sc[g] = tile_load<float, TAIL>(buf + 2 * C + c + 16 * g, g, G, k);
-        sh[g] = tile_load<float, TAIL>(buf + 3 * C + c + 16 * g, g, G, k);
-    }
+    load_tile_constants<TAIL, G>(buf, C, c, k, 0, mh);
+    load_tile_constants<TAIL, G>(buf, C, c, k, 1, ml);
+    load_tile_constants<TAIL, G>(buf, C, c, k, 2, sc);
+    load_tile_constants<TAIL, G>(buf, C, c, k, 3, sh);
     const __m512 zero = _mm512_setzero_ps();
     for (idx r = r0; r < r1; ++r) {
         if (ahead && r + ahead < r_end) {
@@ -2482,15 +2487,12 @@ FASTBN_AVX512_TILES void backward_tile_nlc(const T* dy, idx srg, const T* x, idx
                                            T* dres, idx srr, T* d, idx srd, idx d_r0, idx C, const float* buf,
                                            idx c, __mmask16 k, idx r0, idx r1, idx r_end, idx ahead) {
     __m512 mh[G], ml[G], ka[G], kb[G], kc[G];
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) {
-        ka[g] = tile_load<float, TAIL>(buf + 2 * C + c + 16 * g, g, G, k);
-        if (!FROZEN) {
-            mh[g] = tile_load<float, TAIL>(buf + c + 16 * g, g, G, k);
-            ml[g] = tile_load<float, TAIL>(buf + C + c + 16 * g, g, G, k);
-            kb[g] = tile_load<float, TAIL>(buf + 3 * C + c + 16 * g, g, G, k);
-            kc[g] = tile_load<float, TAIL>(buf + 4 * C + c + 16 * g, g, G, k);
-        }
+    load_tile_constants<TAIL, G>(buf, C, c, k, 2, ka);
+    if (!FROZEN) {
+        load_tile_constants<TAIL, G>(buf, C, c, k, 0, mh);
+        load_tile_constants<TAIL, G>(buf, C, c, k, 1, ml);
+        load_tile_constants<TAIL, G>(buf, C, c, k, 3, kb);
+        load_tile_constants<TAIL, G>(buf, C, c, k, 4, kc);
     }
     const __m512 zero = _mm512_setzero_ps();
     for (idx r = r0; r < r1; ++r) {
