@@ -884,9 +884,49 @@ FASTBN_AVX512_HALF void normalize_row_nlc_half_in_registers(const half* x, half*
 }
 #endif
 
+#if FASTBN_HAVE_F16C
+// 16 lanes (masked: those in k) of normalize_row's arithmetic, relu?(((x - mean_hi) -
+// mean_lo) * scale + shift + res?), and of backward_row's (g masked by a fused ReLU's
+// output y, stored to dr when DRES; dx = FROZEN ? g * a : (g * a + ((x - mean_hi) -
+// mean_lo) * b) + c): the float code's operations in its order.
+template <class T, bool RES, bool RELU>
+FASTBN_AVX512_TILES FASTBN_INLINE void normalize16(const T* x, const T* res, T* y, __m512 mh, __m512 ml, __m512 sc,
+                                                   __m512 sh, bool masked, __mmask16 k) {
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 v = _mm512_sub_ps(_mm512_sub_ps(masked ? Lanes16<T>::load(x, k) : Lanes16<T>::load(x), mh), ml);
+    v = _mm512_add_ps(_mm512_mul_ps(v, sc), sh);
+    if (RES) v = _mm512_add_ps(v, masked ? Lanes16<T>::load(res, k) : Lanes16<T>::load(res));
+    if (RELU) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
+    if (masked) Lanes16<T>::store(y, v, k);
+    else Lanes16<T>::store(y, v);
+}
+
+// One NC row of 16-bit data in registers (one channel's constants, broadcast), the last
+// partial vector masked: a row of 49 (7x7) is three vectors and one masked one, where
+// copying the tail through a zeroed block of 16 cost as much as the rest of the row.
+template <class T, bool RES, bool RELU>
+FASTBN_AVX512_TILES void normalize_row_lanes(const T* x, T* y, const T* res, idx n, const Affine<float>& a) {
+    const __m512 mh = _mm512_set1_ps(a.mean_hi), ml = _mm512_set1_ps(a.mean_lo);
+    const __m512 sc = _mm512_set1_ps(a.scale), sh = _mm512_set1_ps(a.shift);
+    idx i = 0;
+    for (; i + 16 <= n; i += 16) normalize16<T, RES, RELU>(x + i, RES ? res + i : res, y + i, mh, ml, sc, sh, false, 0);
+    if (i < n)
+        normalize16<T, RES, RELU>(x + i, RES ? res + i : res, y + i, mh, ml, sc, sh, true,
+                                  (__mmask16)((1u << (n - i)) - 1u));
+}
+#endif
+
 template <class T, bool RES, bool RELU>
 FASTBN_INLINE void normalize_row(const T* x, T* y, const T* res, idx i0, idx i1, const Affine<T>& a) {
     typedef typename compute_of<T>::type CT;
+#if FASTBN_HAVE_F16C
+    if constexpr (is_half<T>() || std::is_same<T, bf16>::value) {
+        if (channel_tiles_available() && (!is_half<T>() || half_converters().in_registers)) {
+            normalize_row_lanes<T, RES, RELU>(x + i0, y + i0, RES ? res + i0 : res, i1 - i0, Affine<float>(a));
+            return;
+        }
+    }
+#endif
     if constexpr (is_half<T>()) {
         alignas(64) float xf[HALF_PIECE], yf[HALF_PIECE], rf[RES ? HALF_PIECE : 1];
         const HalfConverters& cv = half_converters();
@@ -1246,10 +1286,60 @@ FASTBN_AVX512_HALF void backward_row_nlc_half_in_registers(const half* g, const 
 }
 #endif
 
+#if FASTBN_HAVE_F16C
+// 16 lanes of backward_row's arithmetic (see normalize16), and one NC row of 16-bit data
+// (see normalize_row_lanes).
+template <class T, bool MASK, bool DRES, bool FROZEN>
+FASTBN_AVX512_TILES FASTBN_INLINE void backward16(const T* g, const T* x, const T* y, T* d, T* dr, __m512 a, __m512 b,
+                                                  __m512 c, __m512 mh, __m512 ml, bool masked, __mmask16 k) {
+    __m512 gv = masked ? Lanes16<T>::load(g, k) : Lanes16<T>::load(g);
+    if (MASK) {
+        const __m512 yv = masked ? Lanes16<T>::load(y, k) : Lanes16<T>::load(y);
+        gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(yv, _mm512_setzero_ps(), _CMP_GT_OQ), gv);
+    }
+    if (DRES) {
+        if (masked) Lanes16<T>::store(dr, gv, k);
+        else Lanes16<T>::store(dr, gv);
+    }
+    __m512 v;
+    if (FROZEN) {
+        v = _mm512_mul_ps(gv, a);
+    } else {
+        const __m512 xm = _mm512_sub_ps(_mm512_sub_ps(masked ? Lanes16<T>::load(x, k) : Lanes16<T>::load(x), mh), ml);
+        v = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(gv, a), _mm512_mul_ps(xm, b)), c);
+    }
+    if (masked) Lanes16<T>::store(d, v, k);
+    else Lanes16<T>::store(d, v);
+}
+
+template <class T, bool MASK, bool DRES, bool FROZEN>
+FASTBN_AVX512_TILES void backward_row_lanes(const T* g, const T* x, const T* y, T* d, T* dr, idx n,
+                                            const BackwardCoef<float>& k) {
+    const __m512 a = _mm512_set1_ps(k.a), b = _mm512_set1_ps(k.b), c = _mm512_set1_ps(k.c);
+    const __m512 mh = _mm512_set1_ps(k.mean_hi), ml = _mm512_set1_ps(k.mean_lo);
+    idx i = 0;
+    for (; i + 16 <= n; i += 16)
+        backward16<T, MASK, DRES, FROZEN>(g + i, FROZEN ? x : x + i, MASK ? y + i : y, d + i, DRES ? dr + i : dr, a, b,
+                                          c, mh, ml, false, 0);
+    if (i < n)
+        backward16<T, MASK, DRES, FROZEN>(g + i, FROZEN ? x : x + i, MASK ? y + i : y, d + i, DRES ? dr + i : dr, a, b,
+                                          c, mh, ml, true, (__mmask16)((1u << (n - i)) - 1u));
+}
+#endif
+
 template <class T, bool MASK, bool DRES, bool FROZEN>
 FASTBN_INLINE void backward_row(const T* g, const T* x, const T* y, T* d, T* dr, idx i0, idx i1,
                                 const BackwardCoef<T>& k) {
     typedef typename compute_of<T>::type CT;
+#if FASTBN_HAVE_F16C
+    if constexpr (is_half<T>() || std::is_same<T, bf16>::value) {
+        if (channel_tiles_available() && (!is_half<T>() || half_converters().in_registers)) {
+            backward_row_lanes<T, MASK, DRES, FROZEN>(g + i0, FROZEN ? x : x + i0, MASK ? y + i0 : y, d + i0,
+                                                      DRES ? dr + i0 : dr, i1 - i0, BackwardCoef<float>(k));
+            return;
+        }
+    }
+#endif
     if constexpr (is_half<T>()) {
         alignas(64) float gf[HALF_PIECE], df[HALF_PIECE], xf[FROZEN ? 1 : HALF_PIECE];
         alignas(64) float yf[MASK ? HALF_PIECE : 1], rf[DRES ? HALF_PIECE : 1];
@@ -1965,7 +2055,6 @@ FASTBN_AVX512_TILES void normalize_tile_nlc(const T* x, idx srx, const T* res, i
     load_tile_constants<TAIL, G>(buf, C, c, k, 1, ml);
     load_tile_constants<TAIL, G>(buf, C, c, k, 2, sc);
     load_tile_constants<TAIL, G>(buf, C, c, k, 3, sh);
-    const __m512 zero = _mm512_setzero_ps();
     for (idx r = r0; r < r1; ++r) {
         if (ahead && r + ahead < r_end) {
             prefetch_rows(x + (r + ahead) * srx, srx, 1, 0, C);
@@ -1975,13 +2064,9 @@ FASTBN_AVX512_TILES void normalize_tile_nlc(const T* x, idx srx, const T* res, i
         const T* rr = RES ? res + r * srr + c : res;
         T* yr = y + (r - y_r0) * sry + c;
 #pragma GCC unroll 4
-        for (int g = 0; g < G; ++g) {
-            __m512 v = _mm512_sub_ps(_mm512_sub_ps(tile_load<T, TAIL>(xr + 16 * g, g, G, k), mh[g]), ml[g]);
-            v = _mm512_add_ps(_mm512_mul_ps(v, sc[g]), sh[g]);
-            if (RES) v = _mm512_add_ps(v, tile_load<T, TAIL>(rr + 16 * g, g, G, k));
-            if (RELU) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
-            tile_store<T, TAIL>(yr + 16 * g, v, g, G, k);
-        }
+        for (int g = 0; g < G; ++g)
+            normalize16<T, RES, RELU>(xr + 16 * g, RES ? rr + 16 * g : rr, yr + 16 * g, mh[g], ml[g], sc[g], sh[g],
+                                      TAIL && g == G - 1, k);
     }
 }
 
@@ -2494,7 +2579,6 @@ FASTBN_AVX512_TILES void backward_tile_nlc(const T* dy, idx srg, const T* x, idx
         load_tile_constants<TAIL, G>(buf, C, c, k, 3, kb);
         load_tile_constants<TAIL, G>(buf, C, c, k, 4, kc);
     }
-    const __m512 zero = _mm512_setzero_ps();
     for (idx r = r0; r < r1; ++r) {
         if (ahead && r + ahead < r_end) {
             prefetch_rows(dy + (r + ahead) * srg, srg, 1, 0, C);
@@ -2508,19 +2592,11 @@ FASTBN_AVX512_TILES void backward_tile_nlc(const T* dy, idx srg, const T* x, idx
         T* dr = d + (r - d_r0) * srd + c;
 #pragma GCC unroll 4
         for (int g = 0; g < G; ++g) {
-            __m512 gv = tile_load<T, TAIL>(gr + 16 * g, g, G, k);
-            if (MASK)
-                gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(tile_load<T, TAIL>(yr + 16 * g, g, G, k), zero, _CMP_GT_OQ),
-                                         gv);
-            if (DRES) tile_store<T, TAIL>(rr + 16 * g, gv, g, G, k);
-            __m512 v;
-            if (FROZEN) {
-                v = _mm512_mul_ps(gv, ka[g]);
-            } else {
-                const __m512 xm = _mm512_sub_ps(_mm512_sub_ps(tile_load<T, TAIL>(xr + 16 * g, g, G, k), mh[g]), ml[g]);
-                v = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(gv, ka[g]), _mm512_mul_ps(xm, kb[g])), kc[g]);
-            }
-            tile_store<T, TAIL>(dr + 16 * g, v, g, G, k);
+            // frozen statistics use a alone (the other vectors are not loaded)
+            const __m512 b = FROZEN ? ka[g] : kb[g], cc = FROZEN ? ka[g] : kc[g];
+            const __m512 h = FROZEN ? ka[g] : mh[g], l = FROZEN ? ka[g] : ml[g];
+            backward16<T, MASK, DRES, FROZEN>(gr + 16 * g, xr + 16 * g, MASK ? yr + 16 * g : yr, dr + 16 * g,
+                                              DRES ? rr + 16 * g : rr, ka[g], b, cc, h, l, TAIL && g == G - 1, k);
         }
     }
 }

@@ -654,7 +654,8 @@ def test_streamed_backward_kernel_gives_the_same_bits(shape, dtype, variant):
 
 
 _TILES_CASES = [((301, 64), -1), ((97, 16), -1), ((53, 5), -1), ((41, 70), -1),
-                ((2, 9, 7, 200), -1), ((13, 256), -1), ((9, 1030), -1), ((33, 6, 2), 1)]
+                ((2, 9, 7, 200), -1), ((13, 256), -1), ((9, 1030), -1), ((33, 6, 2), 1),
+                ((5, 3, 7, 7), 1), ((2, 3, 5001), 1), ((4, 2, 40), 1)]
 
 
 def _tile_outputs(dtype_name, stream):
@@ -729,9 +730,9 @@ def test_channel_tiles_give_the_same_bits(dtype_name, stream, tmp_path):
     """Channels-last passes with channel tiles in AVX-512 registers (the elementwise
     passes' constants, with masked tails, blocks of rows wider than a tile, streamed
     outputs through staging; the accumulators of the statistics and of the backward
-    sums) give the bits of the loops
-    that a CPU without AVX-512 runs: the same outputs in a process with
-    FASTBN_CHANNEL_TILES=off, byte for byte."""
+    sums), and NC rows of 16-bit data in registers with masked tails (7x7 rows, long
+    rows, strided rows), give the bits of the loops that a CPU without AVX-512 BW/VL
+    runs: the same outputs in a process with FASTBN_CHANNEL_TILES=off, byte for byte."""
     if dtype_name == "bfloat16":
         pytest.importorskip("ml_dtypes")
     if not _bn_cpu.channel_tiles():
