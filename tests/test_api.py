@@ -659,11 +659,11 @@ _TILES_CASES = [((301, 64), -1), ((97, 16), -1), ((53, 5), -1), ((41, 70), -1),
 
 
 def _tile_outputs(dtype_name, stream):
-    """Every channels-last elementwise pass (inference, training forward, backward, with and
-    without a fused residual/ReLU, frozen statistics) on data with NaN, Inf, signed zeros
-    and subnormals, on contiguous arrays and on views whose rows are farther apart."""
-    import numpy as np
-    import fastbn as fbn
+    """Every pass the register tiles and rows take (statistics, inference, training forward,
+    backward with and without a fused residual/ReLU, frozen statistics) on the shapes of
+    _TILES_CASES, with data holding NaN, Inf, signed zeros and subnormals, contiguous and
+    as views whose rows are farther apart; every output as bytes. stream: all outputs
+    written with streaming stores (else none)."""
     from fastbn import _backend_cpu
     saved = _backend_cpu._STREAM_MIN_BYTES
     _backend_cpu._STREAM_MIN_BYTES = 0 if stream else float("inf")
@@ -674,8 +674,6 @@ def _tile_outputs(dtype_name, stream):
 
 
 def _tile_outputs_of(dtype_name):
-    import numpy as np
-    import fastbn as fbn
     if dtype_name == "bfloat16":
         import ml_dtypes
         dtype = np.dtype(ml_dtypes.bfloat16)
@@ -705,9 +703,9 @@ def _tile_outputs_of(dtype_name):
             out[key + "-var"] = fbn.moments(x, axis=axis, ddof=1)[1]
             out[key + "-dx"], out[key + "-dw"], out[key + "-db"] = fbn.batch_norm_backward(
                 dy, x, mean, invstd, w, axis=axis)
-            dx, out[key + "-dw-relu"], _, dres = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
-                                                     activation="relu", y=y,
-                                                     return_residual_grad=True)
+            dx, out[key + "-dw-relu"], _, dres = fbn.batch_norm_backward(
+                dy, x, mean, invstd, w, axis=axis, activation="relu", y=y,
+                return_residual_grad=True)
             out[key + "-dx-relu"], out[key + "-dres"] = dx, dres
             out[key + "-dx-frozen"] = fbn.batch_norm_backward(
                 dy, x, rm, 1 / np.sqrt(rv + 1e-5), w, training=False, axis=axis)[0]
