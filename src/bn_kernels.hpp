@@ -2017,10 +2017,10 @@ FASTBN_INLINE void normalize_four_rows_to(const T* x, T* y, idx srx, idx sry, co
 // while it walks the rows, so an element costs a load, the arithmetic and a store, as in
 // the NC layout. Row by row, every 16 elements also loaded their four or five constants,
 // and each row paid a loop set-up of its own (a 64-channel row is four vectors). Rows
-// wider than a tile are walked in blocks that stay in L1 while each tile passes over
-// them. float32, float16 and bfloat16 data; the float code's operations in the same order
-// on the same lanes (the same bits). FASTBN_CHANNEL_TILES=off (read once) turns it off,
-// so that the tests can compare both on one machine.
+// wider than a tile are walked in blocks of rows (see tile_block_rows), each tile over
+// the whole block. float32, float16 and bfloat16 data; the float code's operations in the
+// same order on the same lanes (the same bits). FASTBN_CHANNEL_TILES=off (read once)
+// turns it off, so that the tests can compare both on one machine.
 #if FASTBN_HAVE_F16C
 // Vector g of a tile: the whole 16 lanes, or (TAIL, the tile's last vector) those in k.
 template <class T, bool TAIL>
