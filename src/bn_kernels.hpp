@@ -262,6 +262,19 @@ template <> struct Lanes16<bf16> {
     }
 };
 
+// 16 values of g (masked: the lanes in k), zero where a fused ReLU's output y is not > 0
+// (as masked_grad; NaN-safe: the comparison is false).
+template <class T, bool MASK>
+FASTBN_AVX512_TILES FASTBN_INLINE __m512 masked_grad16(const T* g, const T* y, bool masked = false,
+                                                     __mmask16 k = 0) {
+    __m512 gv = masked ? Lanes16<T>::load(g, k) : Lanes16<T>::load(g);
+    if (MASK) {
+        const __m512 yv = masked ? Lanes16<T>::load(y, k) : Lanes16<T>::load(y);
+        gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(yv, _mm512_setzero_ps(), _CMP_GT_OQ), gv);
+    }
+    return gv;
+}
+
 inline bool pick_channel_tiles() {
     const char* cap = std::getenv("FASTBN_CHANNEL_TILES");
     if (cap && std::strcmp(cap, "off") == 0) return false;
@@ -1292,11 +1305,7 @@ FASTBN_AVX512_HALF void backward_row_nlc_half_in_registers(const half* g, const 
 template <class T, bool MASK, bool DRES, bool FROZEN>
 FASTBN_AVX512_TILES FASTBN_INLINE void backward16(const T* g, const T* x, const T* y, T* d, T* dr, __m512 a, __m512 b,
                                                   __m512 c, __m512 mh, __m512 ml, bool masked, __mmask16 k) {
-    __m512 gv = masked ? Lanes16<T>::load(g, k) : Lanes16<T>::load(g);
-    if (MASK) {
-        const __m512 yv = masked ? Lanes16<T>::load(y, k) : Lanes16<T>::load(y);
-        gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(yv, _mm512_setzero_ps(), _CMP_GT_OQ), gv);
-    }
+    const __m512 gv = masked_grad16<T, MASK>(g, y, masked, k);
     if (DRES) {
         if (masked) Lanes16<T>::store(dr, gv, k);
         else Lanes16<T>::store(dr, gv);
@@ -1646,17 +1655,26 @@ FASTBN_AVX512_TILES void block_sums_nlc_tile(const T* x, idx sr, idx C, idx c, i
         }
 }
 
-// Channels [0, n16) (a multiple of 16) in tiles of G groups of 16: tiles of 64 channels,
-// then the rest. tile(std::integral_constant<int, G>(), c) handles channels [c, c + 16 G).
-template <class Tile>
-FASTBN_INLINE void for_each_half_tile(idx n16, const Tile& tile) {
+// Channels [0, C) in tiles of 64 (4 vectors of 16), then one of the rest (1-4 vectors, the
+// last one partial when C % 16): walk(std::integral_constant<int, G>(), tail (a
+// std::bool_constant), c, mask of the last vector's lanes) handles channels [c, ...).
+template <class Walk>
+FASTBN_INLINE void for_each_channel_tile(idx C, const Walk& walk) {
     idx c = 0;
-    for (; c + 64 <= n16; c += 64) tile(std::integral_constant<int, 4>(), c);
-    switch ((n16 - c) / 16) {
-        case 3: tile(std::integral_constant<int, 3>(), c); break;
-        case 2: tile(std::integral_constant<int, 2>(), c); break;
-        case 1: tile(std::integral_constant<int, 1>(), c); break;
-        default: break;
+    for (; c + 64 <= C; c += 64) walk(std::integral_constant<int, 4>(), std::false_type(), c, (__mmask16)0xffff);
+    const idx n = C - c;
+    if (n == 0) return;
+    const __mmask16 k = (__mmask16)((1u << (n % 16 ? n % 16 : 16)) - 1u);
+    const bool tail = n % 16 != 0;
+    switch ((n + 15) / 16) {
+        case 1: tail ? walk(std::integral_constant<int, 1>(), std::true_type(), c, k)
+                     : walk(std::integral_constant<int, 1>(), std::false_type(), c, k); break;
+        case 2: tail ? walk(std::integral_constant<int, 2>(), std::true_type(), c, k)
+                     : walk(std::integral_constant<int, 2>(), std::false_type(), c, k); break;
+        case 3: tail ? walk(std::integral_constant<int, 3>(), std::true_type(), c, k)
+                     : walk(std::integral_constant<int, 3>(), std::false_type(), c, k); break;
+        default: tail ? walk(std::integral_constant<int, 4>(), std::true_type(), c, k)
+                      : walk(std::integral_constant<int, 4>(), std::false_type(), c, k); break;
     }
 }
 #endif
@@ -1670,7 +1688,7 @@ FASTBN_INLINE idx block_sums_nlc_in_tiles(const T* x, idx sr, idx C, idx r, idx 
     if constexpr (!std::is_same<T, double>::value) {
         if (!channel_tiles_available() || C < 16) return 0;
         const idx c_end = C - C % 16;
-        for_each_half_tile(c_end, [&](auto G, idx c) {
+        for_each_channel_tile(c_end, [&](auto G, auto /*no tail: c_end % 16 == 0*/, idx c, __mmask16) {
             block_sums_nlc_tile<T, decltype(G)::value>(x, sr, C, c, r, rend, r1, ahead, bs, bq);
         });
         return c_end;
@@ -2022,23 +2040,16 @@ FASTBN_INLINE void normalize_four_rows_to(const T* x, T* y, idx srx, idx sry, co
 // same order on the same lanes (the same bits). FASTBN_CHANNEL_TILES=off (read once)
 // turns it off, so that the tests can compare both on one machine.
 #if FASTBN_HAVE_F16C
-// Vector g of a tile: the whole 16 lanes, or (TAIL, the tile's last vector) those in k.
-template <class T, bool TAIL>
-FASTBN_AVX512_TILES FASTBN_INLINE __m512 tile_load(const T* p, int g, int G, __mmask16 k) {
-    return TAIL && g == G - 1 ? Lanes16<T>::load(p, k) : Lanes16<T>::load(p);
-}
-template <class T, bool TAIL>
-FASTBN_AVX512_TILES FASTBN_INLINE void tile_store(T* p, __m512 v, int g, int G, __mmask16 k) {
-    if (TAIL && g == G - 1) Lanes16<T>::store(p, v, k);
-    else Lanes16<T>::store(p, v);
-}
-
-// Constant array j of prepare_channel_constants (C floats each) for a tile's G vectors.
+// Constant array j of prepare_channel_constants (C floats each) for a tile's G vectors,
+// the last one's lanes in k when TAIL.
 template <bool TAIL, int G>
 FASTBN_AVX512_TILES FASTBN_INLINE void load_tile_constants(const float* buf, idx C, idx c, __mmask16 k, int j,
                                                            __m512* v) {
 #pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) v[g] = tile_load<float, TAIL>(buf + j * C + c + 16 * g, g, G, k);
+    for (int g = 0; g < G; ++g) {
+        const float* p = buf + j * C + c + 16 * g;
+        v[g] = TAIL && g == G - 1 ? Lanes16<float>::load(p, k) : Lanes16<float>::load(p);
+    }
 }
 
 // Channels [c, c + 16 (G - 1) + popcount(k)) of rows [r0, r1), row r written at y + (r -
@@ -2049,16 +2060,16 @@ FASTBN_AVX512_TILES FASTBN_INLINE void load_tile_constants(const float* buf, idx
 template <class T, int G, bool TAIL, bool RES, bool RELU>
 FASTBN_AVX512_TILES void normalize_tile_nlc(const T* x, idx srx, const T* res, idx srr, T* y, idx sry, idx y_r0,
                                             idx C, const float* buf, idx c, __mmask16 k, idx r0, idx r1,
-                                            idx r_end, idx ahead) {
+                                            idx r_end, RowsAhead ahead) {
     __m512 mh[G], ml[G], sc[G], sh[G];
     load_tile_constants<TAIL, G>(buf, C, c, k, 0, mh);
     load_tile_constants<TAIL, G>(buf, C, c, k, 1, ml);
     load_tile_constants<TAIL, G>(buf, C, c, k, 2, sc);
     load_tile_constants<TAIL, G>(buf, C, c, k, 3, sh);
     for (idx r = r0; r < r1; ++r) {
-        if (ahead && r + ahead < r_end) {
-            prefetch_rows(x + (r + ahead) * srx, srx, 1, 0, C);
-            if (RES) prefetch_rows(res + (r + ahead) * srr, srr, 1, 0, C);
+        if (ahead.rows) {
+            prefetch_ahead_nlc(x, srx, C, r, r_end, ahead);
+            prefetch_ahead_nlc(RES ? res : (const T*)0, srr, C, r, r_end, ahead);
         }
         const T* xr = x + r * srx + c;
         const T* rr = RES ? res + r * srr + c : res;
@@ -2067,27 +2078,6 @@ FASTBN_AVX512_TILES void normalize_tile_nlc(const T* x, idx srx, const T* res, i
         for (int g = 0; g < G; ++g)
             normalize16<T, RES, RELU>(xr + 16 * g, RES ? rr + 16 * g : rr, yr + 16 * g, mh[g], ml[g], sc[g], sh[g],
                                       TAIL && g == G - 1, k);
-    }
-}
-
-// The tile of channels [c, C) (at most 64) with G vectors, the last one partial or not.
-template <class Walk>
-FASTBN_INLINE void for_each_channel_tile(idx C, const Walk& walk) {
-    idx c = 0;
-    for (; c + 64 <= C; c += 64) walk(std::integral_constant<int, 4>(), std::false_type(), c, (__mmask16)0xffff);
-    const idx n = C - c;
-    if (n == 0) return;
-    const __mmask16 k = (__mmask16)((1u << (n % 16 ? n % 16 : 16)) - 1u);
-    const bool tail = n % 16 != 0;
-    switch ((n + 15) / 16) {
-        case 1: tail ? walk(std::integral_constant<int, 1>(), std::true_type(), c, k)
-                     : walk(std::integral_constant<int, 1>(), std::false_type(), c, k); break;
-        case 2: tail ? walk(std::integral_constant<int, 2>(), std::true_type(), c, k)
-                     : walk(std::integral_constant<int, 2>(), std::false_type(), c, k); break;
-        case 3: tail ? walk(std::integral_constant<int, 3>(), std::true_type(), c, k)
-                     : walk(std::integral_constant<int, 3>(), std::false_type(), c, k); break;
-        default: tail ? walk(std::integral_constant<int, 4>(), std::true_type(), c, k)
-                      : walk(std::integral_constant<int, 4>(), std::false_type(), c, k); break;
     }
 }
 
@@ -2146,12 +2136,12 @@ template <class T, bool RES, bool RELU>
 FASTBN_AVX512_TILES void normalize_tiles_nlc(const T* x, idx srx, const T* res, idx srr, T* y, idx sry, idx C,
                                              idx r0, idx r1, const void* buf, bool stream) {
     const float* consts = (const float*)buf;
-    const idx ahead = RowsAhead::of<T>(C).rows;
+    const RowsAhead ahead = RowsAhead::of<T>(C);
     walk_tile_blocks(y, sry, C, r0, r1, stream, [&](T* out, idx so, idx out_r0, idx rb, idx re) FASTBN_LAMBDA_INLINE {
         bool first = true;
         for_each_channel_tile(C, [&](auto G, auto tail, idx c, __mmask16 k) FASTBN_LAMBDA_INLINE {
             normalize_tile_nlc<T, decltype(G)::value, decltype(tail)::value, RES, RELU>(
-                x, srx, res, srr, out, so, out_r0, C, consts, c, k, rb, re, r1, first ? ahead : 0);
+                x, srx, res, srr, out, so, out_r0, C, consts, c, k, rb, re, r1, first ? ahead : RowsAhead{0});
             first = false;
         });
     });
@@ -2260,12 +2250,6 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
 // the rows walked once for G groups of 16 channels (a pass per group read each row G
 // times), the same additions in the same order per channel. float32, float16 and
 // bfloat16 data.
-template <class T, bool MASK>
-FASTBN_AVX512_TILES FASTBN_INLINE __m512 masked_grad16(const T* g, const T* y) {
-    __m512 gv = Lanes16<T>::load(g);
-    if (MASK) gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(Lanes16<T>::load(y), _mm512_setzero_ps(), _CMP_GT_OQ), gv);
-    return gv;
-}
 template <class T, bool MASK, int G>
 FASTBN_AVX512_TILES void sums_rows_nlc_tile(const T* dy, const T* x, const T* y, idx srdy, idx srx, idx sry, idx c,
                                             idx r0, idx r1, const double* mean, double* sdy, double* sxmu) {
@@ -2320,7 +2304,7 @@ FASTBN_INLINE idx sums_rows_nlc_in_tiles(const T* dy, const T* x, const T* y, id
     if constexpr (!std::is_same<T, double>::value) {
         if (!channel_tiles_available() || C < 16) return 0;
         const idx c_end = C - C % 16;
-        for_each_half_tile(c_end, [&](auto G, idx c) {
+        for_each_channel_tile(c_end, [&](auto G, auto /*no tail: c_end % 16 == 0*/, idx c, __mmask16) {
             sums_rows_nlc_tile<T, MASK, decltype(G)::value>(dy, x, y, srdy, srx, sry, c, r0, r1, mean, sdy, sxmu);
         });
         return c_end;
@@ -2570,7 +2554,7 @@ FASTBN_INLINE void backward_four_rows_half_streamed(const half* g, const half* x
 template <class T, int G, bool TAIL, bool MASK, bool DRES, bool FROZEN>
 FASTBN_AVX512_TILES void backward_tile_nlc(const T* dy, idx srg, const T* x, idx srx, const T* y, idx sry,
                                            T* dres, idx srr, T* d, idx srd, idx d_r0, idx C, const float* buf,
-                                           idx c, __mmask16 k, idx r0, idx r1, idx r_end, idx ahead) {
+                                           idx c, __mmask16 k, idx r0, idx r1, idx r_end, RowsAhead ahead) {
     __m512 mh[G], ml[G], ka[G], kb[G], kc[G];
     load_tile_constants<TAIL, G>(buf, C, c, k, 2, ka);
     if (!FROZEN) {
@@ -2580,10 +2564,10 @@ FASTBN_AVX512_TILES void backward_tile_nlc(const T* dy, idx srg, const T* x, idx
         load_tile_constants<TAIL, G>(buf, C, c, k, 4, kc);
     }
     for (idx r = r0; r < r1; ++r) {
-        if (ahead && r + ahead < r_end) {
-            prefetch_rows(dy + (r + ahead) * srg, srg, 1, 0, C);
-            if (!FROZEN) prefetch_rows(x + (r + ahead) * srx, srx, 1, 0, C);
-            if (MASK) prefetch_rows(y + (r + ahead) * sry, sry, 1, 0, C);
+        if (ahead.rows) {
+            prefetch_ahead_nlc(dy, srg, C, r, r_end, ahead);
+            prefetch_ahead_nlc(FROZEN ? (const T*)0 : x, srx, C, r, r_end, ahead);
+            prefetch_ahead_nlc(MASK ? y : (const T*)0, sry, C, r, r_end, ahead);
         }
         const T* gr = dy + r * srg + c;
         const T* xr = x + r * srx + c;
@@ -2606,12 +2590,12 @@ FASTBN_AVX512_TILES void backward_tiles_nlc(const T* dy, idx srg, const T* x, id
                                             T* dres, idx srr, T* dx, idx srd, idx C, idx r0, idx r1,
                                             const void* buf, bool stream) {
     const float* consts = (const float*)buf;
-    const idx ahead = RowsAhead::of<T>(C).rows;
+    const RowsAhead ahead = RowsAhead::of<T>(C);
     walk_tile_blocks(dx, srd, C, r0, r1, stream, [&](T* out, idx so, idx out_r0, idx rb, idx re) FASTBN_LAMBDA_INLINE {
         bool first = true;
         for_each_channel_tile(C, [&](auto G, auto tail, idx c, __mmask16 k) FASTBN_LAMBDA_INLINE {
             backward_tile_nlc<T, decltype(G)::value, decltype(tail)::value, MASK, DRES, FROZEN>(
-                dy, srg, x, srx, y, sry, dres, srr, out, so, out_r0, C, consts, c, k, rb, re, r1, first ? ahead : 0);
+                dy, srg, x, srx, y, sry, dres, srr, out, so, out_r0, C, consts, c, k, rb, re, r1, first ? ahead : RowsAhead{0});
             first = false;
         });
     });
