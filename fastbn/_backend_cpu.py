@@ -38,14 +38,16 @@ def _threads(a):
 
 
 def _stream(out3):
-    """Streaming stores only where they write whole cache lines: long rows, or rows of a
-    channels-last array that follow each other in memory (partial-line streaming stores
-    are slow)."""
+    """Streaming stores only where they can write whole cache lines (partial-line
+    streaming stores are slow): long rows, rows of channels that follow each other in
+    memory (short ones are streamed a block of channels at a time, or not at all: the
+    kernels decide per path), rows of a channels-last array that follow each other."""
     if out3.nbytes < _STREAM_MIN_BYTES:
         return False
     outer, C, inner = out3.shape
     if inner > 1:
-        return inner * out3.itemsize >= 1024
+        return inner * out3.itemsize >= 1024 or (
+            inner > _bn_cpu.SHORT_ROW_MAX and out3.strides[1] == inner * out3.itemsize)
     return out3.strides[0] == C * out3.itemsize
 
 

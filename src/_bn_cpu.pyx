@@ -110,6 +110,17 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
                                 idx sodx, NCGrid g, double mean, double invstd,
                                 double weight, bint frozen, Activation act, idx c,
                                 const T* dy_next, const T* x_next)
+    void train_forward_channels_nc[T](const T* x, T* y, idx sox, idx scx, idx soy, NCGrid g,
+                                      idx c0, idx c1, const double* weight, const double* bias,
+                                      double eps, double* mean, double* var, double* invstd,
+                                      Epilogue e, const T* x_next)
+    void backward_channels_nc[T](const T* dy, const T* x, T* dx, idx sody, idx scdy, idx sox,
+                                 idx scx, idx sodx, NCGrid g, idx c0, idx c1,
+                                 const double* mean, const double* invstd,
+                                 const double* weight, bint frozen, Activation act,
+                                 double* sdy, double* sxmu, const T* dy_next, const T* x_next)
+    const idx STAGE_BYTES
+    const idx MAX_BLOCK_CHANNELS
 
     double chunk_moments_nlc[T](const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean,
                                 double* m2, double* bmean, double* bm2)
@@ -148,6 +159,15 @@ def channel_tiles():
     """True when channels-last elementwise passes keep channel tiles' constants in AVX-512
     registers (the CPU has AVX-512 F/BW/VL and FASTBN_CHANNEL_TILES is not 'off')."""
     return bool(channel_tiles_available())
+
+
+def channel_block(idx outer, idx C, idx inner, int itemsize, int n_inputs, int n_threads):
+    """Channels per block with which the fused passes stream a large contiguous NC output
+    of short rows (inputs: 1 for the training forward, 2 for backward); 0: none (rows
+    written one channel at a time with ordinary stores, or long enough to stream alone)."""
+    if inner * itemsize >= _WHOLE_ROW_STREAM_BYTES:
+        return 0
+    return _channel_block(C, outer, inner, itemsize, inner, n_inputs, n_threads)
 
 
 def max_threads():
@@ -412,6 +432,30 @@ cdef inline idx _prefetch_channels_end(idx C, idx inner, size_t itemsize) noexce
     return C if inner * <idx> itemsize < limit else 0
 
 
+# Rows shorter than this are not streamed one by one (their partial lines are slow):
+# large outputs with such rows are streamed a block of channels at a time, each of the
+# block's rows one contiguous run (bn_kernels.hpp, "nc channel blocks"), or not at all.
+cdef idx _WHOLE_ROW_STREAM_BYTES = 1024
+# A block's rows are runs of about _CHANNEL_BLOCK_RUN bytes, fewer channels where its
+# inputs (x; dy and x) would not stay in L2 between its two passes (_CHANNEL_BLOCK_BYTES).
+cdef idx _CHANNEL_BLOCK_RUN = 2048
+cdef idx _CHANNEL_BLOCK_BYTES = 1024 * 1024
+
+
+cdef inline idx _channel_block(idx C, idx outer, idx inner, size_t itemsize, idx out_sc,
+                               int n_inputs, int n_threads) noexcept nogil:
+    """Channels per block for a streamed NC output of short rows; 0 where a block's row
+    would not be a run of at least _WHOLE_ROW_STREAM_BYTES (or the output's channels do not
+    follow each other)."""
+    cdef idx row_bytes = inner * <idx> itemsize
+    cdef idx n = (_CHANNEL_BLOCK_RUN + row_bytes - 1) // row_bytes
+    n = min(n, STAGE_BYTES // row_bytes, MAX_BLOCK_CHANNELS, (C + n_threads - 1) // n_threads,
+            _CHANNEL_BLOCK_BYTES // (n_inputs * outer * row_bytes))
+    if out_sc != inner or n * row_bytes < _WHOLE_ROW_STREAM_BYTES:
+        return 0
+    return n
+
+
 cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
                          const double* weight, const double* bias, double eps,
                          double* mean, double* var, double* invstd, double* parts,
@@ -425,7 +469,8 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
     cdef NCGrid g
     cdef NLCGrid gl
     cdef Moments m
-    cdef idx c, k, kk, w, lo, hi
+    cdef idx c, k, kk, w, lo, hi, b, c0, c1, nb
+    cdef bint split
     cdef int t
     cdef double count
     cdef idx pf_end = _prefetch_channels_end(C, inner, sizeof(data_t))
@@ -450,7 +495,19 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
                                   consts, e)
             return
         g = nc_grid(outer, inner)
-        if not _split_channels(C, g.n_chunks, n_threads):
+        split = _split_channels(C, g.n_chunks, n_threads)
+        if e.stream and inner * <idx> sizeof(data_t) < _WHOLE_ROW_STREAM_BYTES:
+            e.stream = False
+            nb = 0 if split else _channel_block(C, outer, inner, sizeof(data_t), scy, 1, n_threads)
+            if nb:
+                for b in prange((C + nb - 1) // nb, schedule='static', num_threads=n_threads):
+                    c0 = b * nb
+                    c1 = min(c0 + nb, C)
+                    train_forward_channels_nc(x, y, sox, scx, soy, g, c0, c1, weight, bias, eps,
+                                              mean, var, invstd, e,
+                                              x + c1 * scx if c1 < C else NULL)
+                return
+        if not split:
             for c in prange(C, schedule='static', num_threads=n_threads):
                 m = train_forward_channel_nc(x + c * scx, y + c * scy, sox, soy, g,
                                              weight[c], bias[c], eps, &invstd[c], e, c,
@@ -639,6 +696,8 @@ cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.nda
                                              _rows_end(gl, kk), consts, frozen, act)
             return
         g = nc_grid(outer, inner)
+        if inner * <idx> sizeof(data_t) < _WHOLE_ROW_STREAM_BYTES:
+            act.stream = False
         for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
             c = w // g.n_chunks
             backward_elementwise_nc(dy + c * scg, x + c * scx, dx + c * scd, sog, sox, sod,
@@ -666,7 +725,24 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
     cdef double* kb = ka + C
     cdef double* kc = kb + C
     cdef idx pf_end = _prefetch_channels_end(C, inner, sizeof(data_t))
-    if inner > 1 and not group and not _split_channels(C, g.n_chunks, n_threads):
+    cdef bint split = _split_channels(C, g.n_chunks, n_threads)
+    cdef idx b, c0, c1, nb = 0
+    if (inner > 1 and not group and not split and act.stream
+            and inner * <idx> sizeof(data_t) < _WHOLE_ROW_STREAM_BYTES):
+        nb = _channel_block(C, outer, inner, sizeof(data_t), scd, 2, n_threads)
+    if nb:
+        with nogil:
+            for b in prange((C + nb - 1) // nb, schedule='static', num_threads=n_threads):
+                c0 = b * nb
+                c1 = min(c0 + nb, C)
+                backward_channels_nc(dy, x, dx, sog, scg, sox, scx, sod, g, c0, c1, mean, invstd,
+                                     weight, frozen, act, sdy, sxmu,
+                                     dy + c1 * scg if c1 < C else NULL,
+                                     x + c1 * scx if c1 < C else NULL)
+        return
+    if inner > 1 and not group and inner * <idx> sizeof(data_t) < _WHOLE_ROW_STREAM_BYTES:
+        act.stream = False
+    if inner > 1 and not group and not split:
         with nogil:
             for c in prange(C, schedule='static', num_threads=n_threads):
                 t = backward_channel_nc(dy + c * scg, x + c * scx, dx + c * scd, sog, sox,
@@ -799,3 +875,4 @@ def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
     else:
         with nogil:
             update_running_all(C, <double*> rm, sm, <double*> rv, sv, pm, pv, count, momentum)
+

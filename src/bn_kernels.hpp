@@ -823,6 +823,7 @@ FASTBN_INLINE void stream_four_rows(T* out, idx sr, idx n, const Fill& fill) {
 template <class T> struct Affine {
     typedef typename compute_of<T>::type CT;
     CT mean_hi, mean_lo, scale, shift;
+    Affine() = default;
     template <class U>  // the same constants for another type of one compute type
     explicit Affine(const Affine<U>& o) : mean_hi(o.mean_hi), mean_lo(o.mean_lo), scale(o.scale), shift(o.shift) {}
     Affine(CT mean_hi_, CT mean_lo_, CT scale_, CT shift_)
@@ -1017,15 +1018,21 @@ FASTBN_CLONES void normalize_rows_nc(const T* x, T* y, idx sox, idx scx, idx soy
 
 // Fused training forward of one channel: statistics (reading the channel once from
 // memory), then normalize it while it is still in cache. Returns the moments.
-template <class T>
-FASTBN_CLONES Moments train_forward_channel_nc(const T* xc, T* yc, idx sox, idx soy, NCGrid g, double weight,
-                                               double bias, double eps, double* invstd_out, Epilogue e, idx c,
-                                               const T* x_next) {
+// Moments of a whole channel: chunk partials merged in chunk order.
+template <class T> FASTBN_INLINE Moments channel_moments_nc(const T* xc, idx sox, NCGrid g) {
     Moments m = {0, 0, 0};
     for (idx k = 0; k < g.n_chunks; ++k) {
         Moments p = chunk_moments_nc_impl(xc, sox, nc_chunk(g, k));
         merge_into(m, p.n, p.mean, p.m2);
     }
+    return m;
+}
+
+template <class T>
+FASTBN_CLONES Moments train_forward_channel_nc(const T* xc, T* yc, idx sox, idx soy, NCGrid g, double weight,
+                                               double bias, double eps, double* invstd_out, Epilogue e, idx c,
+                                               const T* x_next) {
+    Moments m = channel_moments_nc(xc, sox, g);
     double invstd = invstd_of(m.n, m.m2, eps);
     *invstd_out = invstd;
     Affine<T> a(m.mean, weight * invstd, bias);
@@ -1224,6 +1231,7 @@ FASTBN_CLONES Sums chunk_sums_nc(const T* dyc, const T* xc, idx sody, idx sox, S
 template <class T> struct BackwardCoef {
     typedef typename compute_of<T>::type CT;
     CT a, b, c, mean_hi, mean_lo;
+    BackwardCoef() = default;
     template <class U>  // the same constants for another type of one compute type
     explicit BackwardCoef(const BackwardCoef<U>& o) : a(o.a), b(o.b), c(o.c), mean_hi(o.mean_hi), mean_lo(o.mean_lo) {}
     BackwardCoef(double a_, double b_, double c_, double mean) {
@@ -1475,6 +1483,18 @@ FASTBN_CLONES void backward_coefficients_all(idx C, const double* sdy, const dou
     }
 }
 
+// Sums of a whole channel: chunk partials added in chunk order.
+template <class T>
+FASTBN_INLINE Sums channel_sums_nc(const T* dyc, const T* xc, idx sody, idx sox, NCGrid g, double mean,
+                                   const Activation& act, idx c) {
+    Sums t = {0, 0};
+    for (idx ch = 0; ch < g.n_chunks; ++ch) {
+        Sums p = chunk_sums_nc_impl(dyc, xc, sody, sox, nc_chunk(g, ch), mean, act, c);
+        t.dy += p.dy; t.dy_xmu += p.dy_xmu;
+    }
+    return t;
+}
+
 // Fused backward of one channel: the reduction pass, then dx while the channel is still
 // in cache. With frozen statistics dx does not depend on the sums, so each chunk's sums
 // and dx are produced together.
@@ -1496,10 +1516,7 @@ FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx so
         if (act.stream) stream_fence();
         return t;
     }
-    for (idx ch = 0; ch < g.n_chunks; ++ch) {
-        Sums p = chunk_sums_nc_impl(dyc, xc, sody, sox, nc_chunk(g, ch), mean, act, c);
-        t.dy += p.dy; t.dy_xmu += p.dy_xmu;
-    }
+    t = channel_sums_nc(dyc, xc, sody, sox, g, mean, act, c);
     backward_coefficients(t, invstd, weight, (double)(g.outer * g.inner), false, &a, &b, &cc);
     BackwardCoef<T> k(a, b, cc, mean);
     for (idx ch = 0; ch < g.n_chunks; ++ch) {
@@ -1513,6 +1530,105 @@ FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx so
     }
     if (act.stream) stream_fence();
     return t;
+}
+
+// ---------------------------------------------------------------- nc channel blocks
+// Short rows (7x7 maps: 196 bytes of float32) end and start inside cache lines. Written
+// row by row with streaming stores, those partial lines are slow (cold (128,512,7,7)
+// float32, 2 threads: backward 2.7 -> 8.2 ms); with ordinary stores every line of the
+// output is read before it is overwritten. A block of adjacent channels, fused as one
+// (statistics of each channel, then its outputs while the block sits in L2), writes row r
+// of all its channels together: one contiguous run, staged in L1 and streamed but for its
+// partial first and last lines. Each channel's arithmetic is the per-channel path's, in
+// the same order: the same bits. Callers pass blocks whose run fits STAGE_BYTES.
+static const idx MAX_BLOCK_CHANNELS = 64;
+
+// Copy a run whose neighbours are written at other times: whole lines with streaming
+// stores, the partial lines at either end with ordinary ones.
+FASTBN_INLINE void stream_copy_run(void* dst, const void* src, size_t bytes) {
+    char* d = (char*)dst;
+    const char* s = (const char*)src;
+#if FASTBN_HAVE_STREAM
+    size_t head = (64 - ((uintptr_t)d & 63)) & 63;
+    if (head > bytes) head = bytes;
+    std::memcpy(d, s, head);
+    d += head; s += head; bytes -= head;
+    for (; bytes >= 64; bytes -= 64, d += 64, s += 64)
+        for (int k = 0; k < 64; k += 16)
+            _mm_stream_si128((__m128i*)(d + k), _mm_loadu_si128((const __m128i*)(s + k)));
+#endif
+    std::memcpy(d, s, bytes);
+}
+
+// Training forward of channels [c0, c1) (x's channel stride scx, y's channels contiguous:
+// row r of the block is y[r * soy + c0 * inner .. + (c1 - c0) * inner)). OUT mean, var,
+// invstd: (C,), written at [c0, c1). x_next: the next block's first channel (NULL: none),
+// asked for row by row while this block's outputs are written.
+template <class T>
+FASTBN_CLONES void train_forward_channels_nc(const T* x, T* y, idx sox, idx scx, idx soy, NCGrid g, idx c0,
+                                             idx c1, const double* weight, const double* bias, double eps,
+                                             double* mean, double* var, double* invstd, Epilogue e,
+                                             const T* x_next) {
+    const idx inner = g.inner, run = (c1 - c0) * inner;
+    Affine<T> a[MAX_BLOCK_CHANNELS];
+    for (idx c = c0; c < c1; ++c) {
+        const Moments m = channel_moments_nc(x + c * scx, sox, g);
+        mean[c] = m.mean;
+        var[c] = m.m2 / m.n;
+        invstd[c] = invstd_of(m.n, m.m2, eps);
+        a[c - c0] = Affine<T>(m.mean, weight[c] * invstd[c], bias[c]);
+    }
+    alignas(64) T stage[STAGE_BYTES / sizeof(T)];
+    for (idx r = 0; r < g.outer; ++r) {
+        for (idx c = c0; c < c1; ++c) {
+            // the next block's row r, a channel's share at a time (a whole run at once
+            // outran the core's outstanding misses)
+            if (x_next) prefetch_rows(x_next + r * sox + (c - c0) * inner, sox, 1, 0, inner);
+            const T* rc = channel_ptr<T>(e.res, c, e.res_sc);
+            Span row = {0, 1, 0, inner};
+            normalize_span_nc(x + c * scx + r * sox, stage + (c - c0) * inner, 0, 0, row, a[c - c0],
+                              rc ? rc + r * e.res_so : rc, 0, e.relu, false);
+        }
+        stream_copy_run(y + r * soy + c0 * inner, stage, (size_t)run * sizeof(T));
+    }
+    stream_fence();
+}
+
+// Fused backward of channels [c0, c1) (dx's channels contiguous, as above): each channel's
+// sums, then dx of the block row by row. OUT sdy, sxmu at [c0, c1).
+template <class T>
+FASTBN_CLONES void backward_channels_nc(const T* dy, const T* x, T* dx, idx sody, idx scdy, idx sox, idx scx,
+                                        idx sodx, NCGrid g, idx c0, idx c1, const double* mean,
+                                        const double* invstd, const double* weight, bool frozen,
+                                        Activation act, double* sdy, double* sxmu, const T* dy_next,
+                                        const T* x_next) {
+    const idx inner = g.inner, run = (c1 - c0) * inner;
+    BackwardCoef<T> k[MAX_BLOCK_CHANNELS];
+    for (idx c = c0; c < c1; ++c) {
+        const Sums t = channel_sums_nc(dy + c * scdy, x + c * scx, sody, sox, g, mean[c], act, c);
+        sdy[c] = t.dy;
+        sxmu[c] = t.dy_xmu;
+        double a, b, cc;
+        backward_coefficients(t, invstd[c], weight[c], (double)(g.outer * g.inner), frozen, &a, &b, &cc);
+        k[c - c0] = BackwardCoef<T>(a, b, cc, mean[c]);
+    }
+    alignas(64) T stage[STAGE_BYTES / sizeof(T)];
+    for (idx r = 0; r < g.outer; ++r) {
+        for (idx c = c0; c < c1; ++c) {
+            if (dy_next) prefetch_rows(dy_next + r * sody + (c - c0) * inner, sody, 1, 0, inner);
+            if (x_next) prefetch_rows(x_next + r * sox + (c - c0) * inner, sox, 1, 0, inner);
+            const T* yc = channel_ptr<T>(act.y, c, act.y_sc);
+            T* drc = (T*)channel_ptr<T>(act.dres, c, act.dres_sc);
+            const T* xr = x + c * scx + r * sox;
+            const T* yr = yc ? yc + r * act.y_so : yc;
+            T* dr = drc ? drc + r * act.dres_so : drc;
+            T* out = stage + (c - c0) * inner;
+            if (frozen) backward_row_any<T, true>(dy + c * scdy + r * sody, xr, yr, out, dr, 0, inner, k[c - c0]);
+            else backward_row_any<T, false>(dy + c * scdy + r * sody, xr, yr, out, dr, 0, inner, k[c - c0]);
+        }
+        stream_copy_run(dx + r * sodx + c0 * inner, stage, (size_t)run * sizeof(T));
+    }
+    stream_fence();
 }
 
 // ---------------------------------------------------------------- nlc (channels-last)

@@ -658,29 +658,29 @@ _TILES_CASES = [((301, 64), -1), ((97, 16), -1), ((53, 5), -1), ((41, 70), -1),
                 ((5, 3, 7, 7), 1), ((2, 3, 5001), 1), ((4, 2, 40), 1)]
 
 
-def _tile_outputs(dtype_name, stream):
+def _tile_outputs(dtype_name, stream, cases=_TILES_CASES):
     """Every pass the register tiles and rows take (statistics, inference, training forward,
     backward with and without a fused residual/ReLU, frozen statistics) on the shapes of
-    _TILES_CASES, with data holding NaN, Inf, signed zeros and subnormals, contiguous and
-    as views whose rows are farther apart; every output as bytes. stream: all outputs
-    written with streaming stores (else none)."""
+    `cases`, with data holding NaN, Inf, signed zeros and subnormals, contiguous and as
+    views whose rows are farther apart; every output as bytes. stream: all outputs that
+    can be written with streaming stores are (else none)."""
     from fastbn import _backend_cpu
     saved = _backend_cpu._STREAM_MIN_BYTES
     _backend_cpu._STREAM_MIN_BYTES = 0 if stream else float("inf")
     try:
-        return _tile_outputs_of(dtype_name)
+        return _tile_outputs_of(dtype_name, cases)
     finally:
         _backend_cpu._STREAM_MIN_BYTES = saved
 
 
-def _tile_outputs_of(dtype_name):
+def _tile_outputs_of(dtype_name, cases):
     if dtype_name == "bfloat16":
         import ml_dtypes
         dtype = np.dtype(ml_dtypes.bfloat16)
     else:
         dtype = np.dtype(dtype_name)
     out = {}
-    for i, (shape, axis) in enumerate(_TILES_CASES):
+    for i, (shape, axis) in enumerate(cases):
         rng = np.random.default_rng(i)
         wide = shape[:-1] + (shape[-1] + 3,)
         for view in (False, True):
@@ -747,3 +747,33 @@ def test_channel_tiles_give_the_same_bits(dtype_name, stream, tmp_path):
     assert sorted(on) == sorted(off.files)
     for key, value in on.items():
         np.testing.assert_array_equal(value, off[key], err_msg=key)
+
+
+# NC arrays of short rows (68-784 bytes) and channel counts that blocks do not divide
+_BLOCK_CASES = [(12, 40, 7, 7), (19, 64, 17), (4, 70, 14, 14)]
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64", "float16", "bfloat16"])
+def test_channel_blocks_give_the_same_bits(dtype_name):
+    """Large NC outputs of short rows (7x7 maps) are streamed a block of channels at a
+    time, each row of the block one contiguous run whose partial end lines are stored
+    ordinarily: training forward (with a fused residual and ReLU), backward (plain, ReLU
+    with the residual's gradient, frozen statistics) give the bits of the per-channel
+    path, whose short rows are written with ordinary stores, for contiguous inputs and
+    for views whose rows are farther apart."""
+    if dtype_name == "bfloat16":
+        pytest.importorskip("ml_dtypes")
+    itemsize = 2 if dtype_name == "bfloat16" else np.dtype(dtype_name).itemsize
+    for shape in _BLOCK_CASES:
+        outer, C, inner = shape[0], shape[1], int(np.prod(shape[2:]))
+        if inner * itemsize >= 1024:  # float64 14x14: rows long enough to stream alone
+            continue
+        for n_inputs in (1, 2):  # the training forward's and backward's blocks
+            assert _bn_cpu.channel_block(outer, C, inner, itemsize, n_inputs, 2) > 1, shape
+    cases = [(shape, 1) for shape in _BLOCK_CASES]
+    fbn.set_num_threads(2)  # (conftest restores the default)
+    streamed = _tile_outputs(dtype_name, True, cases)
+    stored = _tile_outputs(dtype_name, False, cases)
+    assert sorted(streamed) == sorted(stored)
+    for key, value in streamed.items():
+        np.testing.assert_array_equal(value, stored[key], err_msg=key)
