@@ -1710,8 +1710,13 @@ FASTBN_INLINE void finish_shifted_nlc(const T* x, idx sr, idx C, idx r, idx rend
         bs[c] = to_double(x0[c]) + S1 / nb;
         bq[c] = M2 >= S2 * 0x1p-20 ? M2 : nan;
     }
-    for (idx c = 0; c < C; ++c)
-        if (bq[c] != bq[c]) two_pass_nlc(x, sr, c, r, rend, nb, bs, bq);
+    // counted first: the count vectorizes, the search with its call per hit did not
+    // (8 % of a hot (32, 2048) statistics call)
+    idx marked = 0;
+    for (idx c = 0; c < C; ++c) marked += bq[c] != bq[c];
+    if (marked)
+        for (idx c = 0; c < C; ++c)
+            if (bq[c] != bq[c]) two_pass_nlc(x, sr, c, r, rend, nb, bs, bq);
 }
 
 // float16 block of rows [r, rend) for chunk_moments_nlc: the same sums in the same
