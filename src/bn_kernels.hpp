@@ -1719,6 +1719,16 @@ FASTBN_INLINE void finish_shifted_nlc(const T* x, idx sr, idx C, idx r, idx rend
             if (bq[c] != bq[c]) two_pass_nlc(x, sr, c, r, rend, nb, bs, bq);
 }
 
+// float32 rows wider than this are walked by the elementwise passes' four-row loops
+// (tiles_take) and, wider than TILES_FLOAT_MAX_REDUCE, by the reductions' (statistics,
+// backward sums): a strip of 64 channels down rows 8 KB apart is slower there to come from
+// memory than four whole rows. Cold, 2 threads, the builds called in turn in one process:
+// (256, 2048) statistics 0.165-0.204 -> 0.132-0.172 ms, training forward 0.226-0.252 ->
+// 0.209-0.231, backward 0.353-0.510 -> 0.348-0.468; (512, 1024) statistics 0.193-0.198 ->
+// 0.174-0.187; at 512 channels within noise (statistics 0.275/0.368 vs 0.284/0.393 ms).
+static const idx TILES_FLOAT_MAX_CHANNELS = 256;
+static const idx TILES_FLOAT_MAX_REDUCE = 512;
+
 // float16 block of rows [r, rend) for chunk_moments_nlc: the same sums in the same
 // order (per channel: rows in groups of four, then single rows), on float pieces of
 // HALF_PIECE / 4 channels converted with half_converters().
@@ -1730,8 +1740,9 @@ FASTBN_INLINE void finish_shifted_nlc(const T* x, idx sr, idx C, idx r, idx rend
 // arithmetic (the backward sums asked for nothing; the statistics asked for whole rows
 // ahead from the first tile only, as rows of one tile do, and left memory idle in the
 // others). Cold, 2 threads, the builds called in turn in one process: backward (256, 2048)
-// float32 0.34-0.43 -> 0.31-0.40 ms, float16 0.30-0.44 -> 0.23-0.32 ms, (32,28,28,256)
-// float32 6.9-7.0 -> 6.4-6.5 ms; statistics within noise.
+// float16 0.30-0.44 -> 0.23-0.32 ms, float32 0.34-0.43 -> 0.31-0.40 ms (such float32 rows
+// have since left the tiles: TILES_FLOAT_MAX_REDUCE), (32,28,28,256) float32 6.9-7.0 ->
+// 6.4-6.5 ms; statistics within noise.
 struct NextStrip {
     const void* next;
     idx next_rows, sr;
@@ -1839,6 +1850,7 @@ FASTBN_INLINE idx block_sums_nlc_in_tiles(const T* x, idx sr, idx C, idx r, idx 
 #if FASTBN_HAVE_F16C
     if constexpr (!std::is_same<T, double>::value) {
         if (!channel_tiles_available() || C < 16) return 0;
+        if (std::is_same<T, float>::value && C > TILES_FLOAT_MAX_REDUCE) return 0;
         const idx c_end = C - C % 16;
         for_each_channel_tile(c_end, [&](auto G, auto /*no tail: c_end % 16 == 0*/, idx c, __mmask16) {
             constexpr int g = decltype(G)::value;
@@ -2278,7 +2290,6 @@ FASTBN_INLINE void walk_tile_blocks(T* y, idx sry, idx C, idx r0, idx r1, bool s
 // there (hot, 1 thread, processes alternated: (64, 2048) inference 0.16-0.18 ns per
 // element against 0.23 in tiles, whose blocks walk each row a 64-channel slice at a
 // time); 16-bit rows gain at every width from converting in registers.
-static const idx TILES_FLOAT_MAX_CHANNELS = 256;
 template <class T> FASTBN_INLINE bool tiles_take(idx C, bool stream) {
     if constexpr (std::is_same<T, double>::value) {
         return false;
@@ -2465,6 +2476,7 @@ FASTBN_INLINE idx sums_rows_nlc_in_tiles(const T* dy, const T* x, const T* y, id
 #if FASTBN_HAVE_F16C
     if constexpr (!std::is_same<T, double>::value) {
         if (!channel_tiles_available() || C < 16) return 0;
+        if (std::is_same<T, float>::value && C > TILES_FLOAT_MAX_REDUCE) return 0;
         const idx c_end = C - C % 16;
         for_each_channel_tile(c_end, [&](auto G, auto /*no tail: c_end % 16 == 0*/, idx c, __mmask16) {
             constexpr int g = decltype(G)::value;
