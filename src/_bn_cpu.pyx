@@ -875,4 +875,3 @@ def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
     else:
         with nogil:
             update_running_all(C, <double*> rm, sm, <double*> rv, sv, pm, pv, count, momentum)
-

@@ -1540,7 +1540,8 @@ FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx so
 // (statistics of each channel, then its outputs while the block sits in L2), writes row r
 // of all its channels together: one contiguous run, staged in L1 and streamed but for its
 // partial first and last lines. Each channel's arithmetic is the per-channel path's, in
-// the same order: the same bits. Callers pass blocks whose run fits STAGE_BYTES.
+// the same order: the same bits. Callers pass blocks whose run fits STAGE_BYTES; the
+// block kernels always stream.
 static const idx MAX_BLOCK_CHANNELS = 64;
 
 // Copy a run whose neighbours are written at other times: whole lines with streaming
@@ -1729,9 +1730,6 @@ FASTBN_INLINE void finish_shifted_nlc(const T* x, idx sr, idx C, idx r, idx rend
 static const idx TILES_FLOAT_MAX_CHANNELS = 256;
 static const idx TILES_FLOAT_MAX_REDUCE = 512;
 
-// float16 block of rows [r, rend) for chunk_moments_nlc: the same sums in the same
-// order (per channel: rows in groups of four, then single rows), on float pieces of
-// HALF_PIECE / 4 channels converted with half_converters().
 #if FASTBN_HAVE_F16C
 // Rows wider than one tile are walked a strip of channels at a time, down the block's
 // rows: rows far apart, which the hardware prefetcher does not follow. While a strip is
@@ -1866,6 +1864,9 @@ FASTBN_INLINE idx block_sums_nlc_in_tiles(const T* x, idx sr, idx C, idx r, idx 
     return 0;
 }
 
+// float16 block of rows [r, rend) for chunk_moments_nlc: the same sums in the same
+// order (per channel: rows in groups of four, then single rows), on float pieces of
+// HALF_PIECE / 4 channels converted with half_converters().
 FASTBN_INLINE void block_moments_nlc_half(const half* x, idx sr, idx C, idx r, idx rend, idx r1, double nb,
                                           double* __restrict__ bs, double* __restrict__ bq) {
     const idx P = HALF_PIECE / 4;
