@@ -2541,10 +2541,12 @@ FASTBN_INLINE void sums_rows_nlc_half(const half* dy, const half* x, const half*
     }
 }
 
-// Channels are swept in tiles of SUMS_TILE so that the tile's accumulators and means stay
-// in L1 over all rows (2048 channels' would not: 48 KB); a channel's order of terms is
-// the same as without tiles (rows in pairs, then a single row), as in the float16 path.
-static const idx SUMS_TILE = 512;
+// Rows are swept whole (the channels left after the register tiles), two at a time; a
+// channel's order of terms is rows in pairs, then a single row, as in the float16 path
+// and the tiles. Sweeping 512-channel slices down the rows instead (so that their
+// accumulators stayed in L1) was slower, hot and cold: (256, 2048) backward sums, 2
+// threads, cold 0.212-0.237 -> 0.197-0.219 ms, hot 0.112 -> 0.108; (256, 4096) cold
+// 0.515 -> 0.455; (64, 16384) 0.604 -> 0.538 (one process, the widths alternated).
 
 template <class T, bool MASK>
 FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, idx srx, idx sry, idx C, idx r0,
@@ -2554,9 +2556,9 @@ FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, 
         sums_rows_nlc_half<MASK>(dy, x, y, srdy, srx, sry, C, r0, r1, mean, sdy, sxmu);
         return;
     }
-    for (idx c0 = sums_rows_nlc_in_tiles<T, MASK>(dy, x, y, srdy, srx, sry, C, r0, r1, mean, sdy, sxmu); c0 < C;
-         c0 += SUMS_TILE) {
-        const idx n = C - c0 < SUMS_TILE ? C - c0 : SUMS_TILE;
+    const idx c0 = sums_rows_nlc_in_tiles<T, MASK>(dy, x, y, srdy, srx, sry, C, r0, r1, mean, sdy, sxmu);
+    if (c0 < C) {
+        const idx n = C - c0;
         const T* dyt = dy + c0;
         const T* xt = x + c0;
         const T* yt = MASK ? y + c0 : (const T*)0;
