@@ -1723,7 +1723,7 @@ FASTBN_INLINE void finish_shifted_nlc(const T* x, idx sr, idx C, idx r, idx rend
 // float32 rows wider than this are walked by the elementwise passes' four-row loops
 // (tiles_take) and, wider than TILES_FLOAT_MAX_REDUCE, by the reductions' (statistics,
 // backward sums): a strip of 64 channels down rows 8 KB apart is slower there to come from
-// memory than four whole rows. Cold, 2 threads, the builds called in turn in one process:
+// memory than whole rows (four at a time for the statistics, two for the sums). Cold, 2 threads, the builds called in turn in one process:
 // (256, 2048) statistics 0.165-0.204 -> 0.132-0.172 ms, training forward 0.226-0.252 ->
 // 0.209-0.231, backward 0.353-0.510 -> 0.348-0.468; (512, 1024) statistics 0.193-0.198 ->
 // 0.174-0.187; at 512 channels within noise (statistics 0.275/0.368 vs 0.284/0.393 ms).
