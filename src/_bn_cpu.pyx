@@ -165,7 +165,7 @@ def channel_block(idx outer, idx C, idx inner, int itemsize, int n_inputs, int n
     """Channels per block with which the fused passes stream a large contiguous NC output
     of short rows (inputs: 1 for the training forward, 2 for backward); 0: none (rows
     written one channel at a time with ordinary stores, or long enough to stream alone)."""
-    if inner * itemsize >= _WHOLE_ROW_STREAM_BYTES:
+    if not _short_rows(inner, itemsize):
         return 0
     return _channel_block(C, outer, inner, itemsize, inner, n_inputs, n_threads)
 
@@ -442,6 +442,11 @@ cdef idx _CHANNEL_BLOCK_RUN = 2048
 cdef idx _CHANNEL_BLOCK_BYTES = 1024 * 1024
 
 
+cdef inline bint _short_rows(idx inner, size_t itemsize) noexcept nogil:
+    """NC rows too short to be streamed one by one."""
+    return inner * <idx> itemsize < _WHOLE_ROW_STREAM_BYTES
+
+
 cdef inline idx _channel_block(idx C, idx outer, idx inner, size_t itemsize, idx out_sc,
                                int n_inputs, int n_threads) noexcept nogil:
     """Channels per block for a streamed NC output of short rows; 0 where a block's row
@@ -496,7 +501,7 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
             return
         g = nc_grid(outer, inner)
         split = _split_channels(C, g.n_chunks, n_threads)
-        if e.stream and inner * <idx> sizeof(data_t) < _WHOLE_ROW_STREAM_BYTES:
+        if e.stream and _short_rows(inner, sizeof(data_t)):
             e.stream = False
             nb = 0 if split else _channel_block(C, outer, inner, sizeof(data_t), scy, 1, n_threads)
             if nb:
@@ -696,7 +701,7 @@ cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.nda
                                              _rows_end(gl, kk), consts, frozen, act)
             return
         g = nc_grid(outer, inner)
-        if inner * <idx> sizeof(data_t) < _WHOLE_ROW_STREAM_BYTES:
+        if _short_rows(inner, sizeof(data_t)):
             act.stream = False
         for w in prange(C * g.n_chunks, schedule='static', num_threads=n_threads):
             c = w // g.n_chunks
@@ -728,7 +733,7 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
     cdef bint split = _split_channels(C, g.n_chunks, n_threads)
     cdef idx b, c0, c1, nb = 0
     if (inner > 1 and not group and not split and act.stream
-            and inner * <idx> sizeof(data_t) < _WHOLE_ROW_STREAM_BYTES):
+            and _short_rows(inner, sizeof(data_t))):
         nb = _channel_block(C, outer, inner, sizeof(data_t), scd, 2, n_threads)
     if nb:
         with nogil:
@@ -740,7 +745,7 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
                                      dy + c1 * scg if c1 < C else NULL,
                                      x + c1 * scx if c1 < C else NULL)
         return
-    if inner > 1 and not group and inner * <idx> sizeof(data_t) < _WHOLE_ROW_STREAM_BYTES:
+    if inner > 1 and not group and _short_rows(inner, sizeof(data_t)):
         act.stream = False
     if inner > 1 and not group and not split:
         with nogil:

@@ -767,19 +767,25 @@ template <class CT> FASTBN_INLINE CT relu(CT v) { return v < 0 ? (CT)0 : v; }
 // copied out with SSE2 streaming stores (baseline x86-64, so every clone has them).
 static const idx STAGE_BYTES = 4096;
 
-FASTBN_INLINE void stream_copy(void* dst, const void* src, size_t bytes) {
+// Copy with streaming stores in whole aligned units of UNIT bytes (16: every byte it can;
+// 64: whole cache lines only), the bytes before the first and after the last unit with
+// ordinary stores.
+template <size_t UNIT> FASTBN_INLINE void stream_copy_units(void* dst, const void* src, size_t bytes) {
     char* d = (char*)dst;
     const char* s = (const char*)src;
 #if FASTBN_HAVE_STREAM
-    size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+    size_t head = (UNIT - ((uintptr_t)d & (UNIT - 1))) & (UNIT - 1);
     if (head > bytes) head = bytes;
     std::memcpy(d, s, head);
     d += head; s += head; bytes -= head;
-    for (; bytes >= 16; bytes -= 16, d += 16, s += 16)
-        _mm_stream_si128((__m128i*)d, _mm_loadu_si128((const __m128i*)s));
+    for (; bytes >= UNIT; bytes -= UNIT, d += UNIT, s += UNIT)
+        for (size_t k = 0; k < UNIT; k += 16)
+            _mm_stream_si128((__m128i*)(d + k), _mm_loadu_si128((const __m128i*)(s + k)));
 #endif
     std::memcpy(d, s, bytes);
 }
+
+FASTBN_INLINE void stream_copy(void* dst, const void* src, size_t bytes) { stream_copy_units<16>(dst, src, bytes); }
 
 // Make streamed stores visible before the results are used (end of a kernel call).
 FASTBN_INLINE void stream_fence() {
@@ -1544,21 +1550,10 @@ FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx so
 // block kernels always stream.
 static const idx MAX_BLOCK_CHANNELS = 64;
 
-// Copy a run whose neighbours are written at other times: whole lines with streaming
-// stores, the partial lines at either end with ordinary ones.
+// A run whose neighbours are written at other times: streamed in whole lines only (the
+// partial lines at either end with ordinary stores).
 FASTBN_INLINE void stream_copy_run(void* dst, const void* src, size_t bytes) {
-    char* d = (char*)dst;
-    const char* s = (const char*)src;
-#if FASTBN_HAVE_STREAM
-    size_t head = (64 - ((uintptr_t)d & 63)) & 63;
-    if (head > bytes) head = bytes;
-    std::memcpy(d, s, head);
-    d += head; s += head; bytes -= head;
-    for (; bytes >= 64; bytes -= 64, d += 64, s += 64)
-        for (int k = 0; k < 64; k += 16)
-            _mm_stream_si128((__m128i*)(d + k), _mm_loadu_si128((const __m128i*)(s + k)));
-#endif
-    std::memcpy(d, s, bytes);
+    stream_copy_units<64>(dst, src, bytes);
 }
 
 // Training forward of channels [c0, c1) (x's channel stride scx, y's channels contiguous:
