@@ -2536,7 +2536,7 @@ FASTBN_INLINE void sums_rows_nlc_half(const half* dy, const half* x, const half*
     }
 }
 
-// Rows are swept whole (the channels left after the register tiles), two at a time; a
+// Rows are swept whole (the channels left after the register tiles), four at a time; a
 // channel's order of terms is rows in pairs, then a single row, as in the float16 path
 // and the tiles. Sweeping 512-channel slices down the rows instead (so that their
 // accumulators stayed in L1) was slower, hot and cold: (256, 2048) backward sums, 2
@@ -2562,7 +2562,40 @@ FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, 
         double* __restrict__ qt = sxmu + c0;
         const RowsAhead ahead = RowsAhead::of<T>(n);
         idx r = r0;
-        // two rows per sweep over the channels: half the accumulator loads and stores
+        // four rows per sweep over the channels: a quarter of the accumulator loads and
+        // stores; a channel's terms are still added a pair of rows at a time, in row
+        // order, so the bits are those of two-row sweeps
+        for (; r + 4 <= r1; r += 4) {
+            for (idx j = 1; j < 4; j += 2) {
+                prefetch_ahead_nlc(dyt, srdy, n, r + j, r1, ahead);
+                prefetch_ahead_nlc(xt, srx, n, r + j, r1, ahead);
+                if (MASK) prefetch_ahead_nlc(yt, sry, n, r + j, r1, ahead);
+            }
+            const T* __restrict__ g0 = dyt + r * srdy;
+            const T* __restrict__ g1 = g0 + srdy;
+            const T* __restrict__ g2 = g1 + srdy;
+            const T* __restrict__ g3 = g2 + srdy;
+            const T* __restrict__ x0 = xt + r * srx;
+            const T* __restrict__ x1 = x0 + srx;
+            const T* __restrict__ x2 = x1 + srx;
+            const T* __restrict__ x3 = x2 + srx;
+            const T* y0 = MASK ? yt + r * sry : (const T*)0;
+            const T* y1 = MASK ? y0 + sry : (const T*)0;
+            const T* y2 = MASK ? y1 + sry : (const T*)0;
+            const T* y3 = MASK ? y2 + sry : (const T*)0;
+            for (idx c = 0; c < n; ++c) {
+                const double a = masked_grad<T, MASK>(g0, y0, c), b = masked_grad<T, MASK>(g1, y1, c);
+                const double d = masked_grad<T, MASK>(g2, y2, c), e = masked_grad<T, MASK>(g3, y3, c);
+                const double mu = mt[c];
+                double sg = st[c], sq = qt[c];
+                sg += a + b;
+                sq += a * (to_double(x0[c]) - mu) + b * (to_double(x1[c]) - mu);
+                sg += d + e;
+                sq += d * (to_double(x2[c]) - mu) + e * (to_double(x3[c]) - mu);
+                st[c] = sg;
+                qt[c] = sq;
+            }
+        }
         for (; r + 2 <= r1; r += 2) {
             prefetch_ahead_nlc(dyt, srdy, n, r + 1, r1, ahead);
             prefetch_ahead_nlc(xt, srx, n, r + 1, r1, ahead);

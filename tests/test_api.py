@@ -662,8 +662,8 @@ def _tile_outputs(dtype_name, stream, cases=_TILES_CASES):
     """Every pass the register tiles and rows take (statistics, inference, training forward,
     backward with and without a fused residual/ReLU, frozen statistics) on the shapes of
     `cases`, with data holding NaN, Inf, signed zeros and subnormals, contiguous and as
-    views whose rows are farther apart; every output as bytes. stream: all outputs that
-    can be written with streaming stores are (else none)."""
+    views whose rows are farther apart; every output (and the backward's float64 sums) as
+    bytes. stream: all outputs that can be written with streaming stores are (else none)."""
     from fastbn import _backend_cpu
     saved = _backend_cpu._STREAM_MIN_BYTES
     _backend_cpu._STREAM_MIN_BYTES = 0 if stream else float("inf")
@@ -703,6 +703,12 @@ def _tile_outputs_of(dtype_name, cases):
             out[key + "-var"] = fbn.moments(x, axis=axis, ddof=1)[1]
             out[key + "-dx"], out[key + "-dw"], out[key + "-db"] = fbn.batch_norm_backward(
                 dy, x, mean, invstd, w, axis=axis)
+            # the float64 sums themselves: a last-bit change rarely survives the rounding
+            # of dw and dx to 16- or 32-bit data
+            out[key + "-sums"], out[key + "-sums-relu"] = (
+                np.stack(fbn.backward_reduce(dy, x, mean, invstd, axis=axis)),
+                np.stack(fbn.backward_reduce(dy, x, mean, invstd, axis=axis, activation="relu",
+                                             y=y)))
             dx, out[key + "-dw-relu"], _, dres = fbn.batch_norm_backward(
                 dy, x, mean, invstd, w, axis=axis, activation="relu", y=y,
                 return_residual_grad=True)
