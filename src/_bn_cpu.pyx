@@ -418,18 +418,27 @@ cdef Activation _activation(object y3, object dres3, bint stream):
 
 # --------------------------------------------------------------- forward passes
 
-cdef inline idx _prefetch_channels_end(idx C, idx inner, size_t itemsize) noexcept nogil:
+cdef inline idx _prefetch_channels_end(idx C, idx inner, size_t itemsize,
+                                       bint backward) noexcept nogil:
     # The fused per-channel passes ask for channel c + 1 while they re-read channel c from
-    # cache when c + 1 < this. Only for rows under 4 KB, which the hardware prefetcher
-    # follows badly (far apart, short): (128,512,7,7) float32, 2 threads: backward 2.3 ->
-    # 1.9 ms, training 2.0 -> 1.8 ms; (32,128,28,28): -8% / -10%; with 12.5 KB rows
-    # (56x56) it made no difference, and 1 thread was slower by as much. Longer rows,
-    # float16 ones included, stream ahead within their reduction pass instead (merge_block,
-    # sums_rows): asking for a whole 6 KB-row float16 channel during the apply pass left
-    # memory idle through the sums pass (cold (32,64,56,56) float16, 2 threads: backward
-    # 1.70-1.86 -> 1.22-1.23 ms, training forward 0.93-0.99 -> 0.89-0.90 ms).
+    # cache when c + 1 < this. For rows under 4 KB, which the hardware prefetcher follows
+    # badly (far apart, short): (128,512,7,7) float32, 2 threads: backward 2.3 -> 1.9 ms,
+    # training 2.0 -> 1.8 ms; (32,128,28,28): -8% / -10%. Rows up to 8 KB where it paid
+    # (cold, 2 threads, builds alternated in one process): the training forward of 32- and
+    # 64-bit data ((8,256,28,28) float64 0.67 -> 0.59 ms, 1 thread 0.88 -> 0.79;
+    # (32,64,40,40) float32 0.67 -> 0.62) but not their backward (+0-3 %, float64 1 thread
+    # +4.5 %); the backward of 16-bit data ((32,64,56,56) float16 1.27 -> 1.10, 1.12 ->
+    # 1.02, 1 thread 2.28 -> 2.00; (32,64,64,64) 1.54 -> 1.46) but not their training
+    # forward (0.68 -> 0.73). 12.5 KB rows (56x56 float32) were slower with it (backward
+    # 1.54 -> 1.62 ms): longer rows stream ahead within their reduction pass instead
+    # (merge_block, sums_rows).
+    cdef idx row_bytes = inner * <idx> itemsize
     cdef idx limit = 4096
-    return C if inner * <idx> itemsize < limit else 0
+    if backward and itemsize == 2:
+        limit = 8192 + 1
+    elif not backward and itemsize >= 4:
+        limit = 8192
+    return C if row_bytes < limit else 0
 
 
 # Rows shorter than this are not streamed one by one (their partial lines are slow):
@@ -478,7 +487,7 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
     cdef bint split
     cdef int t
     cdef double count
-    cdef idx pf_end = _prefetch_channels_end(C, inner, sizeof(data_t))
+    cdef idx pf_end = _prefetch_channels_end(C, inner, sizeof(data_t), False)
     with nogil:
         if inner == 1 or group:
             gl = nlc_grid(outer, Cf)
@@ -729,7 +738,7 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
     cdef double* ka = consts + 5 * Cf
     cdef double* kb = ka + C
     cdef double* kc = kb + C
-    cdef idx pf_end = _prefetch_channels_end(C, inner, sizeof(data_t))
+    cdef idx pf_end = _prefetch_channels_end(C, inner, sizeof(data_t), True)
     cdef bint split = _split_channels(C, g.n_chunks, n_threads)
     cdef idx b, c0, c1, nb = 0
     if (inner > 1 and not group and not split and act.stream
