@@ -423,21 +423,23 @@ cdef inline idx _prefetch_channels_end(idx C, idx inner, size_t itemsize,
     # The fused per-channel passes ask for channel c + 1 while they re-read channel c from
     # cache when c + 1 < this. For rows under 4 KB, which the hardware prefetcher follows
     # badly (far apart, short): (128,512,7,7) float32, 2 threads: backward 2.3 -> 1.9 ms,
-    # training 2.0 -> 1.8 ms; (32,128,28,28): -8% / -10%. Rows up to 8 KB where it paid
-    # (cold, 2 threads, builds alternated in one process): the training forward of 32- and
-    # 64-bit data ((8,256,28,28) float64 0.67 -> 0.59 ms, 1 thread 0.88 -> 0.79;
-    # (32,64,40,40) float32 0.67 -> 0.62) but not their backward (+0-3 %, float64 1 thread
-    # +4.5 %); the backward of 16-bit data ((32,64,56,56) float16 1.27 -> 1.10, 1.12 ->
-    # 1.02, 1 thread 2.28 -> 2.00; (32,64,64,64) 1.54 -> 1.46) but not their training
-    # forward (0.68 -> 0.73). 12.5 KB rows (56x56 float32) were slower with it (backward
-    # 1.54 -> 1.62 ms): longer rows stream ahead within their reduction pass instead
-    # (merge_block, sums_rows).
+    # training 2.0 -> 1.8 ms; (32,128,28,28): -8% / -10%. Longer rows where it paid (cold,
+    # 2 threads, builds alternated in one process): the training forward of 32- and 64-bit
+    # data ((8,256,28,28) float64 0.68 -> 0.60 ms, 1 thread 0.88 -> 0.79; (32,64,40,40)
+    # float32 0.67 -> 0.62; rows of 8 KB and more ask for a quarter of the next channel,
+    # which left its statistics pass less idle memory than all of it: (32,64,56,56) 0.94 ->
+    # 0.88, 0.92 -> 0.86, (8,256,56,56) float64 1.72 -> 1.51; 50 KB rows: no gain) but not
+    # their backward (+0-3 %; a quarter for long rows: -1 %); the backward of 16-bit data
+    # up to 8 KB rows ((32,64,56,56) float16 1.05 -> 0.95, 1.07 -> 1.02, 1 thread 2.28 ->
+    # 2.00; (32,64,64,64) 1.54 -> 1.46) but not their training forward (0.68 -> 0.73).
+    # Without it, long rows stream ahead within their reduction pass (merge_block,
+    # sums_rows).
     cdef idx row_bytes = inner * <idx> itemsize
     cdef idx limit = 4096
     if backward and itemsize == 2:
         limit = 8192 + 1
     elif not backward and itemsize >= 4:
-        limit = 8192
+        limit = 32768
     return C if row_bytes < limit else 0
 
 

@@ -1043,10 +1043,14 @@ FASTBN_CLONES Moments train_forward_channel_nc(const T* xc, T* yc, idx sox, idx 
     *invstd_out = invstd;
     Affine<T> a(m.mean, weight * invstd, bias);
     const T* rc = channel_ptr<T>(e.res, c, e.res_sc);
+    // Rows of 8 KB and more: the first quarter of the next channel only, the rest streams
+    // within its rows during its statistics pass (asking for all of it was slower, none
+    // of it too: _prefetch_channels_end)
+    const idx next_rows = g.inner * (idx)sizeof(T) < 8192 ? g.outer : (g.outer + 3) / 4;
     for (idx k = 0; k < g.n_chunks; ++k) {
         Span s = nc_chunk(g, k);
         for (idx r = s.r0; r < s.r1; ++r) {
-            prefetch_next_channel_row(x_next, sox, r, s.i0, s.i1);
+            if (r < next_rows) prefetch_next_channel_row(x_next, sox, r, s.i0, s.i1);
             Span row = {r, r + 1, s.i0, s.i1};
             normalize_span_nc(xc, yc, sox, soy, row, a, rc, e.res_so, e.relu, e.stream);
         }
