@@ -1613,6 +1613,43 @@ FASTBN_CLONES void backward_channels_nc(const T* dy, const T* x, T* dx, idx sody
         k[c - c0] = BackwardCoef<T>(a, b, cc, mean[c]);
     }
     alignas(64) T stage[STAGE_BYTES / sizeof(T)];
+    if constexpr (std::is_same<T, float>::value || std::is_same<T, double>::value) {
+        if (!frozen && !act.y && !act.dres && scdy == inner && scx == inner) {
+            // Rows of the block's inputs are contiguous runs too: one loop over the run,
+            // each element with its channel's coefficients (spread out once per block),
+            // asking for a line of the next block per line written. The same arithmetic.
+            // Cold, 2 threads, builds alternated: (128,512,7,7) float32 1.09 -> 1.01 ms,
+            // float64 2.08 -> 1.86, (256,512,7,7) 1.96 -> 1.78, 14x14 -2 %. Asking for the
+            // next block's whole run at the start of each row was slower than the channel
+            // loop (+7-19 %), and so, unexpectedly, was this loop with its whole lines
+            // split from the tail (1.12 vs 1.02 ms).
+            const idx n = STAGE_BYTES / sizeof(T);
+            alignas(64) T ka[n], kb[n], kc[n], mh[n], ml[n];
+            for (idx c = c0; c < c1; ++c)
+                for (idx i = (c - c0) * inner; i < (c - c0 + 1) * inner; ++i) {
+                    ka[i] = k[c - c0].a; kb[i] = k[c - c0].b; kc[i] = k[c - c0].c;
+                    mh[i] = k[c - c0].mean_hi; ml[i] = k[c - c0].mean_lo;
+                }
+            const idx line = 64 / sizeof(T);
+            for (idx r = 0; r < g.outer; ++r) {
+                const T* __restrict__ gr = dy + c0 * inner + r * sody;
+                const T* __restrict__ xr = x + c0 * inner + r * sox;
+                // the next block's row, a line of each input per line of the run
+                for (idx i0 = 0; i0 < run; i0 += line) {
+                    if (dy_next) __builtin_prefetch(dy_next + r * sody + i0, 0, 3);
+                    if (x_next) __builtin_prefetch(x_next + r * sox + i0, 0, 3);
+                    const idx i1 = run - i0 < line ? run : i0 + line;
+                    for (idx i = i0; i < i1; ++i) {
+                        const T xm = (xr[i] - mh[i]) - ml[i];
+                        stage[i] = (gr[i] * ka[i] + xm * kb[i]) + kc[i];
+                    }
+                }
+                stream_copy_run(dx + r * sodx + c0 * inner, stage, (size_t)run * sizeof(T));
+            }
+            stream_fence();
+            return;
+        }
+    }
     for (idx r = 0; r < g.outer; ++r) {
         for (idx c = c0; c < c1; ++c) {
             if (dy_next) prefetch_rows(dy_next + r * sody + (c - c0) * inner, sody, 1, 0, inner);
