@@ -418,29 +418,30 @@ cdef Activation _activation(object y3, object dres3, bint stream):
 
 # --------------------------------------------------------------- forward passes
 
-cdef inline idx _prefetch_channels_end(idx C, idx inner, size_t itemsize,
+cdef inline idx _prefetch_channels_end(idx C, idx outer, idx inner, size_t itemsize,
                                        bint backward) noexcept nogil:
-    # The fused per-channel passes ask for channel c + 1 while they re-read channel c from
-    # cache when c + 1 < this. For rows under 4 KB, which the hardware prefetcher follows
-    # badly (far apart, short): (128,512,7,7) float32, 2 threads: backward 2.3 -> 1.9 ms,
-    # training 2.0 -> 1.8 ms; (32,128,28,28): -8% / -10%. Longer rows where it paid (cold,
-    # 2 threads, builds alternated in one process): the training forward of 32- and 64-bit
-    # data ((8,256,28,28) float64 0.68 -> 0.60 ms, 1 thread 0.88 -> 0.79; (32,64,40,40)
-    # float32 0.67 -> 0.62; rows of 8 KB and more ask for a quarter of the next channel,
-    # which left its statistics pass less idle memory than all of it: (32,64,56,56) 0.94 ->
-    # 0.88, 0.92 -> 0.86, (8,256,56,56) float64 1.72 -> 1.51; 50 KB rows: no gain) but not
-    # their backward (+0-3 %; a quarter for long rows: -1 %); the backward of 16-bit data
-    # up to 8 KB rows ((32,64,56,56) float16 1.05 -> 0.95, 1.07 -> 1.02, 1 thread 2.28 ->
-    # 2.00; (32,64,64,64) 1.54 -> 1.46) but not their training forward (0.68 -> 0.73).
-    # Without it, long rows stream ahead within their reduction pass (merge_block,
-    # sums_rows).
+    # The fused per-channel passes ask for channel c + 1 while they write channel c from
+    # cache when c + 1 < this, a piece of each row at a time (for_each_row_piece). Rows
+    # under 4 KB, which the hardware prefetcher follows badly (far apart, short):
+    # (128,512,7,7) float32, 2 threads: backward 2.3 -> 1.9 ms, training 2.0 -> 1.8 ms;
+    # (32,128,28,28): -8% / -10%. Longer rows once asked for a whole row of the next
+    # channel at a time, which outran the core's misses and was slower (56x56 float32);
+    # spread over the row it is faster (cold, 2 threads, builds called in turn in one
+    # process): (32,64,56,56) float32 backward 2.02 -> 1.80 ms, training 1.21 -> 1.08;
+    # (8,256,28,28) float64 backward 0.97 -> 0.81, training 0.47 -> 0.40; (8,256,56,56)
+    # float64 training 1.58 -> 1.34; (8,64,112,112) float32 training 1.18 -> 1.08,
+    # backward 1.83 -> 1.72; float16 backward 1.15 -> 1.03; 1 thread: training 1.76 ->
+    # 1.67, backward 2.89 vs 2.91. Not the training forward of long 16-bit rows (0.77 ->
+    # 0.81 ms), nor channels whose inputs would not share L2 with the next one's (over
+    # 1 MB: not measured).
     cdef idx row_bytes = inner * <idx> itemsize
-    cdef idx limit = 4096
-    if backward and itemsize == 2:
-        limit = 8192 + 1
-    elif not backward and itemsize >= 4:
-        limit = 32768
-    return C if row_bytes < limit else 0
+    if row_bytes < 4096:
+        return C
+    if not backward and itemsize == 2:
+        return 0
+    if outer * row_bytes * (2 if backward else 1) > 1024 * 1024:
+        return 0
+    return C
 
 
 # Rows shorter than this are not streamed one by one (their partial lines are slow):
@@ -489,7 +490,7 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
     cdef bint split
     cdef int t
     cdef double count
-    cdef idx pf_end = _prefetch_channels_end(C, inner, sizeof(data_t), False)
+    cdef idx pf_end = _prefetch_channels_end(C, outer, inner, sizeof(data_t), False)
     with nogil:
         if inner == 1 or group:
             gl = nlc_grid(outer, Cf)
@@ -740,7 +741,7 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
     cdef double* ka = consts + 5 * Cf
     cdef double* kb = ka + C
     cdef double* kc = kb + C
-    cdef idx pf_end = _prefetch_channels_end(C, inner, sizeof(data_t), True)
+    cdef idx pf_end = _prefetch_channels_end(C, outer, inner, sizeof(data_t), True)
     cdef bint split = _split_channels(C, g.n_chunks, n_threads)
     cdef idx b, c0, c1, nb = 0
     if (inner > 1 and not group and not split and act.stream
