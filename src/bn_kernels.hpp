@@ -1036,9 +1036,14 @@ template <class T> FASTBN_INLINE Moments channel_moments_nc(const T* xc, idx sox
 
 // [i0, i1) of an output row in pieces of about 1 KB whose ends (but the row's own) are
 // 64-byte aligned in the output, so that asking for the next channel's bytes can be
-// spread over the row (a whole row's worth at once outran the core's misses).
+// spread over the row (a whole row's worth at once outran the core's misses); one piece
+// when there is nothing to ask for (split false).
 template <class T, class F>
-FASTBN_INLINE void for_each_row_piece(const T* out_row, idx i0, idx i1, F f) {
+FASTBN_INLINE void for_each_row_piece(const T* out_row, idx i0, idx i1, bool split, F f) {
+    if (!split) {
+        f(i0, i1);
+        return;
+    }
     const idx line = 64 / (idx)sizeof(T), piece = 1024 / (idx)sizeof(T);
     const idx mis = (idx)(((uintptr_t)(out_row + i0) % 64) / sizeof(T));
     idx end = i0 + (mis ? line - mis : 0) + piece;
@@ -1060,18 +1065,12 @@ FASTBN_CLONES Moments train_forward_channel_nc(const T* xc, T* yc, idx sox, idx 
     const T* rc = channel_ptr<T>(e.res, c, e.res_sc);
     for (idx k = 0; k < g.n_chunks; ++k) {
         Span s = nc_chunk(g, k);
-        for (idx r = s.r0; r < s.r1; ++r) {
-            if (x_next) {
-                for_each_row_piece(yc + r * soy, s.i0, s.i1, [&](idx p0, idx p1) FASTBN_LAMBDA_INLINE {
-                    prefetch_next_channel_row(x_next, sox, r, p0, p1);
-                    Span piece = {r, r + 1, p0, p1};
-                    normalize_span_nc(xc, yc, sox, soy, piece, a, rc, e.res_so, e.relu, e.stream);
-                });
-                continue;
-            }
-            Span row = {r, r + 1, s.i0, s.i1};
-            normalize_span_nc(xc, yc, sox, soy, row, a, rc, e.res_so, e.relu, e.stream);
-        }
+        for (idx r = s.r0; r < s.r1; ++r)
+            for_each_row_piece(yc + r * soy, s.i0, s.i1, x_next != 0, [&](idx p0, idx p1) FASTBN_LAMBDA_INLINE {
+                prefetch_next_channel_row(x_next, sox, r, p0, p1);
+                Span piece = {r, r + 1, p0, p1};
+                normalize_span_nc(xc, yc, sox, soy, piece, a, rc, e.res_so, e.relu, e.stream);
+            });
     }
     if (e.stream) stream_fence();
     return m;
@@ -1549,19 +1548,13 @@ FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx so
     BackwardCoef<T> k(a, b, cc, mean);
     for (idx ch = 0; ch < g.n_chunks; ++ch) {
         Span s = nc_chunk(g, ch);
-        for (idx r = s.r0; r < s.r1; ++r) {
-            if (x_next) {
-                for_each_row_piece(dxc + r * sodx, s.i0, s.i1, [&](idx p0, idx p1) FASTBN_LAMBDA_INLINE {
-                    prefetch_next_channel_row(dy_next, sody, r, p0, p1);
-                    prefetch_next_channel_row(x_next, sox, r, p0, p1);
-                    Span piece = {r, r + 1, p0, p1};
-                    backward_span_nc(dyc, xc, dxc, sody, sox, sodx, piece, k, false, act, c);
-                });
-                continue;
-            }
-            Span row = {r, r + 1, s.i0, s.i1};
-            backward_span_nc(dyc, xc, dxc, sody, sox, sodx, row, k, false, act, c);
-        }
+        for (idx r = s.r0; r < s.r1; ++r)
+            for_each_row_piece(dxc + r * sodx, s.i0, s.i1, x_next != 0, [&](idx p0, idx p1) FASTBN_LAMBDA_INLINE {
+                prefetch_next_channel_row(dy_next, sody, r, p0, p1);
+                prefetch_next_channel_row(x_next, sox, r, p0, p1);
+                Span piece = {r, r + 1, p0, p1};
+                backward_span_nc(dyc, xc, dxc, sody, sox, sodx, piece, k, false, act, c);
+            });
     }
     if (act.stream) stream_fence();
     return t;
