@@ -4,6 +4,15 @@ This is the one place that validates arguments and normalizes layout. Backends r
 validated (outer, C, inner) views, float64 (C,) parameters and preallocated outputs,
 and never re-check. Running statistics are written only after every check passed and
 every kernel ran, so a failing call changes nothing.
+
+The plain call of batch_norm, batch_norm_forward and batch_norm_backward (NumPy arrays,
+C-contiguous data of one float dtype, float32/float64 (C,) parameters, Python float
+momentum and eps, no out/activation/residual/y) first goes to the compiled core's
+``plain_*`` functions (fastbn._bn_cpu, "plain calls"): they accept only what these checks
+accept, run the same kernels on the same float64 parameters, and return None for
+anything else, which then takes the path below. Their point is a call's fixed cost: after
+a pass over tens of MB the Python checks run from cold caches (tests/test_plain_calls.py
+compares the two paths bit for bit).
 """
 import math
 import numbers
@@ -11,7 +20,9 @@ import operator
 
 import numpy as np
 
+from . import _bn_cpu
 from ._bn_cpu import SHORT_ROW_MAX as _SHORT_ROW_MAX
+from ._dispatch import _ENV_DATA, _ENV_KEY
 from ._dispatch import array_namespace as _xp_for
 from ._dispatch import backend_for, backend_name_for, is_cupy_array
 from ._moments import Moments, _var, update_running
@@ -24,6 +35,10 @@ _NATIVE_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float6
 _F64 = np.dtype(np.float64)
 _F32 = np.dtype(np.float32)
 _DTYPES_TEXT = "float16, float32, float64 or bfloat16"
+
+# Plain calls go to the compiled core (module docstring) unless FASTBN_BACKEND is set
+# (checked in os.environ's own mapping: where there is none, they never do).
+_PLAIN_CALLS = _ENV_DATA is not None
 
 
 # ------------------------------------------------------------------ checks
@@ -428,6 +443,16 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     >>> bool(y_relu.min() == 0)
     True
     """
+    if (_PLAIN_CALLS and out is None and activation is None and residual is None
+            and _ENV_KEY not in _ENV_DATA):
+        if training is True:
+            y = _bn_cpu.plain_train(x, weight, bias, running_mean, running_var, momentum, eps,
+                                    axis, False)
+        else:
+            y = None if training is not False else _bn_cpu.plain_inference(
+                x, running_mean, running_var, weight, bias, momentum, eps, axis)
+        if y is not None:
+            return y
     name, backend = backend_for(x, running_mean, running_var, weight, bias, out, residual)
     if name == "dask":
         _no_out_for_dask(out)
@@ -494,6 +519,12 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     >>> y.shape, mean.dtype, invstd.shape
     ((16, 3, 5), dtype('float32'), (3,))
     """
+    if (_PLAIN_CALLS and out is None and activation is None and residual is None
+            and _ENV_KEY not in _ENV_DATA):
+        result = _bn_cpu.plain_train(x, weight, bias, running_mean, running_var, momentum, eps,
+                                     axis, True)
+        if result is not None:
+            return result
     name, backend = backend_for(x, weight, bias, running_mean, running_var, out, residual)
     if name == "dask":
         _no_out_for_dask(out)
@@ -559,6 +590,11 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     >>> bool(np.abs(dx).max() < 1e-12), db  # a constant gradient does not reach x
     (True, array([32., 32., 32.]))
     """
+    if (_PLAIN_CALLS and out is None and activation is None and y is None
+            and return_residual_grad is False and _ENV_KEY not in _ENV_DATA):
+        result = _bn_cpu.plain_backward(dy, x, mean, invstd, weight, training, axis)
+        if result is not None:
+            return result
     _, backend = backend_for(dy, x, mean, invstd, weight, out, y)
     x, dy3, x3, layout, y3 = _check_backward_data(dy, x, axis, activation, y)
     mean = _check_channel_param(mean, "mean", layout, x)

@@ -10,45 +10,16 @@ gradient, i.e. the residual's gradient).
 import numpy as np
 
 from . import _bn_cpu, _moments
-from ._threads import get_num_threads
 
 name = "cpu"
 
-# Below this many elements a call runs on one thread: waking an OpenMP team costs more
-# than the work. Measured (2 threads, float32 training forward, whole call, interleaved):
-# (16,32,8,8) 17.4 -> 12.8 us on 2 threads, (8,32,8,8) 13.1 -> 10.4 us. The results are
-# the same bits either way. (Any multi-threaded call made while another runtime's threads
-# spin, e.g. OpenBLAS's after a NumPy matmul, can wait milliseconds for a core; README,
-# "Threads".)
-_PARALLEL_MIN_ELEMENTS = 1 << 14
-
-
-# Training forward and backward write outputs at least this large with non-temporal
-# (streaming) stores: their second pass re-reads inputs from cache while the output, too
-# large to stay cached for its next reader, would otherwise cost a read of every line
-# it overwrites. Measured with a warm heap, (32,64,56,56) float32, 2 threads: training
-# forward 2.30 -> 2.07 ms, backward 3.21 -> 3.01 ms; (8,256,28,28) float64 training
-# 0.86 -> 0.75 ms. Inference (one read, one write) is not streamed: it was slower that
-# way (1.43 -> 1.83 ms, 0.42 -> 0.62 ms), reading and streaming at once.
-_STREAM_MIN_BYTES = 8 << 20
-
-
+# Threads (one below ~16k elements) and streaming stores (outputs of 8 MB+ whose lines
+# are written whole): policies of the compiled core, which its plain calls share.
 def _threads(a):
-    return 1 if a.size < _PARALLEL_MIN_ELEMENTS else get_num_threads()
+    return _bn_cpu.threads_for(a.size)
 
 
-def _stream(out3):
-    """Streaming stores only where they can write whole cache lines (partial-line
-    streaming stores are slow): long rows, rows of channels that follow each other in
-    memory (short ones are streamed a block of channels at a time, or not at all: the
-    kernels decide per path), rows of a channels-last array that follow each other."""
-    if out3.nbytes < _STREAM_MIN_BYTES:
-        return False
-    outer, C, inner = out3.shape
-    if inner > 1:
-        return inner * out3.itemsize >= 1024 or (
-            inner > _bn_cpu.SHORT_ROW_MAX and out3.strides[1] == inner * out3.itemsize)
-    return out3.strides[0] == C * out3.itemsize
+_stream = _bn_cpu.stream_output
 
 
 _RUNNING_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))

@@ -6,7 +6,7 @@ both until ``set_num_threads(None)``. Results never depend on the thread count.
 """
 import operator
 
-_num_threads = None
+from . import _bn_cpu  # the count lives in the compiled core, which its plain calls read
 
 
 def set_num_threads(n):
@@ -26,9 +26,8 @@ def set_num_threads(n):
     1
     >>> fbn.set_num_threads(None)
     """
-    global _num_threads
     if n is None:
-        _num_threads = None
+        _bn_cpu.set_num_threads(0)
         return
     try:
         n = operator.index(n)
@@ -36,7 +35,7 @@ def set_num_threads(n):
         raise TypeError(f"n must be a positive int or None, got: {n!r}") from None
     if n < 1:
         raise ValueError(f"n must be a positive int or None, got: n={n}")
-    _num_threads = n
+    _bn_cpu.set_num_threads(min(n, 1 << 30))
 
 
 def get_num_threads():
@@ -48,15 +47,4 @@ def get_num_threads():
     >>> fbn.get_num_threads() >= 1
     True
     """
-    if _num_threads is not None:
-        return _num_threads
-    return max(1, _omp_max_threads())
-
-
-def _omp_max_threads():
-    # the compiled core, imported on first use and kept (an import statement per call
-    # cost ~1 us of a ~20 us small call)
-    global _omp_max_threads
-    from ._bn_cpu import max_threads
-    _omp_max_threads = max_threads
-    return max_threads()
+    return _bn_cpu.num_threads()

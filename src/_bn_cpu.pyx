@@ -13,6 +13,9 @@ Design (after sklearn/_loss/_loss.pyx.tp):
     (outer, C, inner) whose inner axis is contiguous (inner > 1) or whose channel axis
     is contiguous (inner == 1); outputs are preallocated by the caller. Nothing is
     re-checked here.
+  * The exception, "plain calls" at the end: the common public call recognized and run
+    in compiled code, for its fixed cost; anything it does not recognize goes back to
+    the Python layer's checks.
 """
 from cython.parallel cimport prange, threadid
 cimport numpy as cnp
@@ -173,6 +176,85 @@ def channel_block(idx outer, idx C, idx inner, int itemsize, int n_inputs, int n
 def max_threads():
     """OpenMP's current default team size (OMP_NUM_THREADS, threadpoolctl limits)."""
     return omp_get_max_threads()
+
+
+# ----------------------------------------------------------------- thread count, streaming
+# fastbn.set_num_threads's count (0: OpenMP's default team size), kept here so that the
+# compiled plain calls read it without a Python call.
+cdef int _threads_set = 0
+
+# Below this many elements a call runs on one thread: waking an OpenMP team costs more
+# than the work. Measured (2 threads, float32 training forward, whole call, interleaved):
+# (16,32,8,8) 17.4 -> 12.8 us on 2 threads, (8,32,8,8) 13.1 -> 10.4 us. The results are
+# the same bits either way. (Any multi-threaded call made while another runtime's threads
+# spin, e.g. OpenBLAS's after a NumPy matmul, can wait milliseconds for a core; README,
+# "Threads".)
+cdef idx _PARALLEL_MIN_ELEMENTS = 1 << 14
+
+
+def set_num_threads(int n):
+    """Threads of the next calls; 0: OpenMP's default (fastbn.set_num_threads checks n)."""
+    global _threads_set
+    _threads_set = n
+
+
+cdef inline int _num_threads() noexcept:
+    return _threads_set if _threads_set > 0 else max(1, omp_get_max_threads())
+
+
+def num_threads():
+    """Threads a large call uses (fastbn.get_num_threads)."""
+    return _num_threads()
+
+
+cdef inline int _threads_for(idx size) noexcept:
+    return 1 if size < _PARALLEL_MIN_ELEMENTS else _num_threads()
+
+
+def threads_for(idx size):
+    """Threads a call on `size` elements uses."""
+    return _threads_for(size)
+
+
+# Training forward and backward write outputs at least this large with non-temporal
+# (streaming) stores: their second pass re-reads inputs from cache while the output, too
+# large to stay cached for its next reader, would otherwise cost a read of every line
+# it overwrites. Measured with a warm heap, (32,64,56,56) float32, 2 threads: training
+# forward 2.30 -> 2.07 ms, backward 3.21 -> 3.01 ms; (8,256,28,28) float64 training
+# 0.86 -> 0.75 ms. Inference (one read, one write) is not streamed: it was slower that
+# way (1.43 -> 1.83 ms, 0.42 -> 0.62 ms), reading and streaming at once.
+cdef idx _STREAM_MIN_BYTES = 8 << 20
+
+
+cdef inline bint _stream_out(idx nbytes, idx C, idx inner, idx so_bytes, idx sc_bytes,
+                             idx itemsize) noexcept:
+    # only where the stores write whole cache lines (partial-line streaming stores are
+    # slow): long rows, rows of channels that follow each other in memory (short ones are
+    # streamed a block of channels at a time, or not at all: the kernels decide per path),
+    # rows of a channels-last array that follow each other
+    if nbytes < _STREAM_MIN_BYTES:
+        return False
+    if inner > 1:
+        return inner * itemsize >= 1024 or (inner > _SHORT_ROW_MAX and sc_bytes == inner * itemsize)
+    return so_bytes == C * itemsize
+
+
+def thresholds(parallel_min_elements=None, stream_min_bytes=None):
+    """The size policies in force, (parallel_min_elements, stream_min_bytes), after setting
+    those given (tests switch them)."""
+    global _PARALLEL_MIN_ELEMENTS, _STREAM_MIN_BYTES
+    if parallel_min_elements is not None:
+        _PARALLEL_MIN_ELEMENTS = parallel_min_elements
+    if stream_min_bytes is not None:
+        _STREAM_MIN_BYTES = stream_min_bytes
+    return _PARALLEL_MIN_ELEMENTS, _STREAM_MIN_BYTES
+
+
+def stream_output(cnp.ndarray out3):
+    """Whether the training forward and backward stream their (outer, C, inner) output."""
+    return _stream_out(cnp.PyArray_NBYTES(out3), out3.shape[1], out3.shape[2],
+                       cnp.PyArray_STRIDES(out3)[0], cnp.PyArray_STRIDES(out3)[1],
+                       cnp.PyArray_ITEMSIZE(out3))
 
 
 # ------------------------------------------------------------------------ helpers
@@ -540,14 +622,10 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
                          mean[c], weight[c] * invstd[c], bias[c], e, c)
 
 
-def train_forward(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray weight, cnp.ndarray bias,
-                  double eps, cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,
-                  int n_threads, res3=None, bint relu=False, bint stream=False):
-    """Fused training forward: batch statistics, then
-    y = relu?((x-mean)*invstd*weight + bias + res?).
-
-    x3, y3 (may be x3 itself), res3: validated (outer, C, inner) views. weight, bias:
-    float64 (C,). OUT mean, var (biased), invstd: float64 (C,)."""
+cdef int _run_train_forward(cnp.ndarray x3, cnp.ndarray y3, const double* weight,
+                            const double* bias, double eps, double* mean, double* var,
+                            double* invstd, int n_threads, object res3, bint relu,
+                            bint stream) except -1:
     cdef idx C = x3.shape[1]
     cdef idx group = _fold_group((x3, y3, res3))
     cdef idx Cf = C * group if group else C
@@ -559,17 +637,30 @@ def train_forward(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray weight, cnp.ndarra
     cdef Epilogue e = _epilogue(res3, relu, stream)
     cdef int code = _dtype_code(x3)
     if code == 0:
-        _train_forward(<const float*> px, <float*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), ext, e, n_threads, group)
+        _train_forward(<const float*> px, <float*> py, x3, y3, weight, bias, eps,
+                       mean, var, invstd, _dptr(parts), _dptr(consts), ext, e, n_threads, group)
     elif code == 1:
-        _train_forward(<const double*> px, <double*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), ext, e, n_threads, group)
+        _train_forward(<const double*> px, <double*> py, x3, y3, weight, bias, eps,
+                       mean, var, invstd, _dptr(parts), _dptr(consts), ext, e, n_threads, group)
     elif code == 2:
-        _train_forward(<const half*> px, <half*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), ext, e, n_threads, group)
+        _train_forward(<const half*> px, <half*> py, x3, y3, weight, bias, eps,
+                       mean, var, invstd, _dptr(parts), _dptr(consts), ext, e, n_threads, group)
     else:
-        _train_forward(<const bf16*> px, <bf16*> py, x3, y3, _dptr(weight), _dptr(bias), eps,
-                       _dptr(mean), _dptr(var), _dptr(invstd), _dptr(parts), _dptr(consts), ext, e, n_threads, group)
+        _train_forward(<const bf16*> px, <bf16*> py, x3, y3, weight, bias, eps,
+                       mean, var, invstd, _dptr(parts), _dptr(consts), ext, e, n_threads, group)
+    return 0
+
+
+def train_forward(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray weight, cnp.ndarray bias,
+                  double eps, cnp.ndarray mean, cnp.ndarray var, cnp.ndarray invstd,
+                  int n_threads, res3=None, bint relu=False, bint stream=False):
+    """Fused training forward: batch statistics, then
+    y = relu?((x-mean)*invstd*weight + bias + res?).
+
+    x3, y3 (may be x3 itself), res3: validated (outer, C, inner) views. weight, bias:
+    float64 (C,). OUT mean, var (biased), invstd: float64 (C,)."""
+    _run_train_forward(x3, y3, _dptr(weight), _dptr(bias), eps, _dptr(mean), _dptr(var),
+                       _dptr(invstd), n_threads, res3, relu, stream)
 
 
 cdef void _normalize(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
@@ -598,11 +689,9 @@ cdef void _normalize(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
                               n_rows * (w + 1) // n_threads, consts, e)
 
 
-def normalize(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray mean, cnp.ndarray scale,
-              cnp.ndarray shift, int n_threads, res3=None, bint relu=False,
-              bint stream=False):
-    """Elementwise y = relu?((x - mean) * scale + shift + res?) with given float64 (C,)
-    constants (inference forward: scale = weight/sqrt(running_var + eps))."""
+cdef int _run_normalize(cnp.ndarray x3, cnp.ndarray y3, const double* mean,
+                        const double* scale, const double* shift, int n_threads, object res3,
+                        bint relu, bint stream) except -1:
     cdef idx group = _fold_group((x3, y3, res3))
     cdef idx Cf = x3.shape[1] * group if group else x3.shape[1]
     cdef cnp.ndarray consts = _scratch(5 * Cf, 1)
@@ -611,13 +700,23 @@ def normalize(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray mean, cnp.ndarray scal
     cdef Epilogue e = _epilogue(res3, relu, stream)
     cdef int code = _dtype_code(x3)
     if code == 0:
-        _normalize(<const float*> px, <float*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads, group)
+        _normalize(<const float*> px, <float*> py, x3, y3, mean, scale, shift, _dptr(consts), e, n_threads, group)
     elif code == 1:
-        _normalize(<const double*> px, <double*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads, group)
+        _normalize(<const double*> px, <double*> py, x3, y3, mean, scale, shift, _dptr(consts), e, n_threads, group)
     elif code == 2:
-        _normalize(<const half*> px, <half*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads, group)
+        _normalize(<const half*> px, <half*> py, x3, y3, mean, scale, shift, _dptr(consts), e, n_threads, group)
     else:
-        _normalize(<const bf16*> px, <bf16*> py, x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), _dptr(consts), e, n_threads, group)
+        _normalize(<const bf16*> px, <bf16*> py, x3, y3, mean, scale, shift, _dptr(consts), e, n_threads, group)
+    return 0
+
+
+def normalize(cnp.ndarray x3, cnp.ndarray y3, cnp.ndarray mean, cnp.ndarray scale,
+              cnp.ndarray shift, int n_threads, res3=None, bint relu=False,
+              bint stream=False):
+    """Elementwise y = relu?((x - mean) * scale + shift + res?) with given float64 (C,)
+    constants (inference forward: scale = weight/sqrt(running_var + eps))."""
+    _run_normalize(x3, y3, _dptr(mean), _dptr(scale), _dptr(shift), n_threads, res3, relu,
+                   stream)
 
 
 # --------------------------------------------------------------------- backward
@@ -784,13 +883,10 @@ cdef idx _backward_work_size(cnp.ndarray dy3, idx group):
     return max(2 * C * nc_grid(outer, inner).n_chunks, 1)
 
 
-def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
-             cnp.ndarray invstd, cnp.ndarray weight, bint frozen, cnp.ndarray sdy,
-             cnp.ndarray sxmu, int n_threads, y3=None, dres3=None, bint stream=False):
-    """Fused backward. IN dy3, x3 (validated views of one shape), mean, invstd, weight:
-    float64 (C,). OUT dx3 (may be dy3), sdy = sum(g), sxmu = sum(g*(x-mean)) (C,).
-    frozen: statistics are constants (inference-mode backward, dx = g*weight*invstd).
-    y3: forward output of a fused ReLU (g = dy where y > 0, else 0); dres3: OUT g."""
+cdef int _run_backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, const double* mean,
+                       const double* invstd, const double* weight, bint frozen, double* sdy,
+                       double* sxmu, int n_threads, object y3, object dres3,
+                       bint stream) except -1:
     cdef idx C = x3.shape[1]
     cdef idx group = _fold_group((dy3, x3, dx3, y3, dres3))
     cdef idx Cf = C * group if group else C
@@ -803,17 +899,29 @@ def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
     cdef Activation act = _activation(y3, dres3, stream)
     cdef int code = _dtype_code(dy3)
     if code == 0:
-        _backward(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), ext, act, n_threads, group)
+        _backward(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, mean, invstd,
+                  weight, frozen, sdy, sxmu, _dptr(parts), _dptr(consts), ext, act, n_threads, group)
     elif code == 1:
-        _backward(<const double*> pg, <const double*> px, <double*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), ext, act, n_threads, group)
+        _backward(<const double*> pg, <const double*> px, <double*> pd, dy3, x3, dx3, mean, invstd,
+                  weight, frozen, sdy, sxmu, _dptr(parts), _dptr(consts), ext, act, n_threads, group)
     elif code == 2:
-        _backward(<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), ext, act, n_threads, group)
+        _backward(<const half*> pg, <const half*> px, <half*> pd, dy3, x3, dx3, mean, invstd,
+                  weight, frozen, sdy, sxmu, _dptr(parts), _dptr(consts), ext, act, n_threads, group)
     else:
-        _backward(<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, _dptr(mean), _dptr(invstd),
-                  _dptr(weight), frozen, _dptr(sdy), _dptr(sxmu), _dptr(parts), _dptr(consts), ext, act, n_threads, group)
+        _backward(<const bf16*> pg, <const bf16*> px, <bf16*> pd, dy3, x3, dx3, mean, invstd,
+                  weight, frozen, sdy, sxmu, _dptr(parts), _dptr(consts), ext, act, n_threads, group)
+    return 0
+
+
+def backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray mean,
+             cnp.ndarray invstd, cnp.ndarray weight, bint frozen, cnp.ndarray sdy,
+             cnp.ndarray sxmu, int n_threads, y3=None, dres3=None, bint stream=False):
+    """Fused backward. IN dy3, x3 (validated views of one shape), mean, invstd, weight:
+    float64 (C,). OUT dx3 (may be dy3), sdy = sum(g), sxmu = sum(g*(x-mean)) (C,).
+    frozen: statistics are constants (inference-mode backward, dx = g*weight*invstd).
+    y3: forward output of a fused ReLU (g = dy where y > 0, else 0); dres3: OUT g."""
+    _run_backward(dy3, x3, dx3, _dptr(mean), _dptr(invstd), _dptr(weight), frozen, _dptr(sdy),
+                  _dptr(sxmu), n_threads, y3, dres3, stream)
 
 
 def backward_reduce(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray mean, cnp.ndarray sdy,
@@ -892,3 +1000,271 @@ def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
     else:
         with nogil:
             update_running_all(C, <double*> rm, sm, <double*> rv, sv, pm, pv, count, momentum)
+
+
+# ------------------------------------------------------------------------ plain calls
+# The common call -- NumPy arrays, C-contiguous data of one dtype, float32/float64 (C,)
+# parameters, Python float momentum and eps, no out/activation/residual -- checked and run
+# here in compiled code. After a pass over tens of MB nothing of a call's Python code is
+# cached, and every bytecode and NumPy object the argument checks touch is a miss: in
+# benchmarks/compare.py's interleaved loop the checks of fastbn._api cost ~25 us of a
+# (256, 2048) backward and ~4 us of a (16, 32, 8, 8) training call. These functions
+# accept only arguments that fastbn._api accepts and return None for anything else, which
+# fastbn._api then checks, and reports, as ever; the kernels, the float64 parameters and
+# the order of operations are the same, so are the bits.
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+from libc.math cimport isfinite
+
+
+cdef int _plain_data(object a) noexcept:
+    """dtype code (float32 0, float64 1, float16 2) of an exact NumPy array of at least 2
+    dimensions, native byte order, C-contiguous and aligned, with elements; -1 otherwise."""
+    if type(a) is not cnp.ndarray:
+        return -1
+    cdef cnp.ndarray arr = <cnp.ndarray> a
+    if (cnp.PyArray_NDIM(arr) < 2 or cnp.PyArray_SIZE(arr) == 0
+            or not cnp.PyArray_ISCARRAY_RO(arr) or not cnp.PyArray_ISNOTSWAPPED(arr)):
+        return -1
+    cdef int num = cnp.PyArray_TYPE(arr)
+    if num == cnp.NPY_FLOAT32:
+        return 0
+    if num == cnp.NPY_FLOAT64:
+        return 1
+    if num == cnp.NPY_FLOAT16:
+        return 2
+    return -1
+
+
+cdef bint _plain_vector(object a, idx C, bint writeable) noexcept:
+    """An exact NumPy float32/float64 array of shape (C,), native, contiguous, aligned."""
+    if type(a) is not cnp.ndarray:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray> a
+    cdef int num = cnp.PyArray_TYPE(arr)
+    return (cnp.PyArray_NDIM(arr) == 1 and cnp.PyArray_DIMS(arr)[0] == C
+            and (num == cnp.NPY_FLOAT32 or num == cnp.NPY_FLOAT64)
+            and cnp.PyArray_ISCARRAY_RO(arr) and cnp.PyArray_ISNOTSWAPPED(arr)
+            and (not writeable or cnp.PyArray_ISWRITEABLE(arr)))
+
+
+cdef bint _plain_param(object a, idx C, double fill, double* out) noexcept:
+    """out = a as float64 (fill where a is None); False where a is not a plain vector."""
+    cdef idx c
+    if a is None:
+        for c in range(C):
+            out[c] = fill
+        return True
+    if not _plain_vector(a, C, False):
+        return False
+    cdef void* p = cnp.PyArray_DATA(<cnp.ndarray> a)
+    if cnp.PyArray_TYPE(<cnp.ndarray> a) == cnp.NPY_FLOAT64:
+        memcpy(out, p, C * sizeof(double))
+    else:
+        for c in range(C):
+            out[c] = (<const float*> p)[c]
+    return True
+
+
+cdef bint _plain_real(object v, bint non_negative, double* out) noexcept:
+    """A Python float, finite (and >= 0 where asked)."""
+    if type(v) is not float:
+        return False
+    out[0] = <double> v
+    return isfinite(out[0]) and not (non_negative and out[0] < 0)
+
+
+cdef bint _plain_running(object rm, object rv, idx C) noexcept:
+    """Running statistics a training call updates in place: writable plain vectors of one
+    dtype that do not overlap."""
+    if not (_plain_vector(rm, C, True) and _plain_vector(rv, C, True)):
+        return False
+    if cnp.PyArray_TYPE(<cnp.ndarray> rm) != cnp.PyArray_TYPE(<cnp.ndarray> rv):
+        return False
+    cdef char* pm = <char*> cnp.PyArray_DATA(<cnp.ndarray> rm)
+    cdef char* pv = <char*> cnp.PyArray_DATA(<cnp.ndarray> rv)
+    cdef idx n = cnp.PyArray_NBYTES(<cnp.ndarray> rm)
+    return pm + n <= pv or pv + n <= pm
+
+
+cdef struct Shape3:
+    idx outer, C, inner
+
+
+cdef bint _plain_shape(cnp.ndarray x, object axis, Shape3* s):
+    """(outer, C, inner) of x for an int axis in range, with at least one channel."""
+    if type(axis) is not int:
+        return False
+    cdef int nd = cnp.PyArray_NDIM(x)
+    if not -nd <= axis < nd:
+        return False
+    cdef int k = <int> axis, d
+    if k < 0:
+        k += nd
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
+    s.outer = 1
+    s.inner = 1
+    for d in range(k):
+        s.outer *= dims[d]
+    for d in range(k + 1, nd):
+        s.inner *= dims[d]
+    s.C = dims[k]
+    return s.C > 0
+
+
+cdef cnp.ndarray _view3(cnp.ndarray a, Shape3 s):
+    cdef cnp.npy_intp d[3]
+    d[0] = s.outer
+    d[1] = s.C
+    d[2] = s.inner
+    cdef cnp.PyArray_Dims shape
+    shape.ptr = d
+    shape.len = 3
+    return cnp.PyArray_Newshape(a, &shape, cnp.NPY_CORDER)
+
+
+cdef int _threads_stream(cnp.ndarray out, Shape3 s, bint* stream) noexcept:
+    cdef idx item = cnp.PyArray_ITEMSIZE(out)
+    stream[0] = _stream_out(cnp.PyArray_NBYTES(out), s.C, s.inner, s.C * s.inner * item,
+                            s.inner * item, item)
+    return _threads_for(cnp.PyArray_SIZE(out))
+
+
+cdef cnp.ndarray _statistic(const double* v, idx C, int code):
+    """A (C,) statistic as returned: float64 for float64 data, float32 otherwise."""
+    cdef cnp.npy_intp n = C
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64 if code == 1 else cnp.NPY_FLOAT32, 0)
+    cdef idx c
+    if code == 1:
+        memcpy(cnp.PyArray_DATA(out), v, C * sizeof(double))
+    else:
+        for c in range(C):
+            (<float*> cnp.PyArray_DATA(out))[c] = <float> v[c]
+    return out
+
+
+def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis,
+                bint statistics):
+    """batch_norm(training=True) (-> y) or, with statistics, batch_norm_forward (-> y,
+    mean, invstd) for a plain call; None for any other."""
+    cdef int code = _plain_data(x)
+    cdef Shape3 s
+    cdef double mom, epsilon
+    if code < 0 or not _plain_shape(<cnp.ndarray> x, axis, &s) or s.outer * s.inner < 2:
+        return None
+    if not (_plain_real(momentum, False, &mom) and _plain_real(eps, True, &epsilon)):
+        return None
+    cdef bint running = running_mean is not None or running_var is not None
+    if running and not _plain_running(running_mean, running_var, s.C):
+        return None
+    cdef double* buf = <double*> malloc(5 * s.C * sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    cdef double* w = buf
+    cdef double* b = buf + s.C
+    cdef double* mean = buf + 2 * s.C
+    cdef double* var = buf + 3 * s.C
+    cdef double* invstd = buf + 4 * s.C
+    cdef cnp.ndarray xa = <cnp.ndarray> x, y
+    cdef bint stream
+    cdef int n_threads
+    cdef double count = <double> (s.outer * s.inner)
+    try:
+        if not (_plain_param(weight, s.C, 1.0, w) and _plain_param(bias, s.C, 0.0, b)):
+            return None
+        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+        n_threads = _threads_stream(y, s, &stream)
+        _run_train_forward(_view3(xa, s), _view3(y, s), w, b, epsilon, mean, var, invstd,
+                           n_threads, None, False, stream)
+        if running:
+            if cnp.PyArray_TYPE(<cnp.ndarray> running_mean) == cnp.NPY_FLOAT32:
+                update_running_all(s.C, <float*> cnp.PyArray_DATA(<cnp.ndarray> running_mean), 1,
+                                   <float*> cnp.PyArray_DATA(<cnp.ndarray> running_var), 1,
+                                   mean, var, count, mom)
+            else:
+                update_running_all(s.C, <double*> cnp.PyArray_DATA(<cnp.ndarray> running_mean), 1,
+                                   <double*> cnp.PyArray_DATA(<cnp.ndarray> running_var), 1,
+                                   mean, var, count, mom)
+        if statistics:
+            return y, _statistic(mean, s.C, code), _statistic(invstd, s.C, code)
+        return y
+    finally:
+        free(buf)
+
+
+def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, axis):
+    """batch_norm(training=False) for a plain call; None for any other."""
+    cdef int code = _plain_data(x)
+    cdef Shape3 s
+    cdef double mom, epsilon
+    if code < 0 or not _plain_shape(<cnp.ndarray> x, axis, &s):
+        return None
+    if not (_plain_real(momentum, False, &mom) and _plain_real(eps, True, &epsilon)):
+        return None
+    cdef double* buf = <double*> malloc(5 * s.C * sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    cdef double* rm = buf
+    cdef double* rv = buf + s.C
+    cdef double* w = buf + 2 * s.C
+    cdef double* b = buf + 3 * s.C
+    cdef double* scale = buf + 4 * s.C
+    cdef cnp.ndarray xa = <cnp.ndarray> x, y
+    cdef bint stream
+    try:
+        if not (_plain_param(running_mean, s.C, 0.0, rm) and running_mean is not None
+                and _plain_param(running_var, s.C, 0.0, rv) and running_var is not None
+                and _plain_param(weight, s.C, 1.0, w) and _plain_param(bias, s.C, 0.0, b)):
+            return None
+        inference_scales(s.C, w, rv, epsilon, scale)
+        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+        _run_normalize(_view3(xa, s), _view3(y, s), rm, scale, b, _threads_stream(y, s, &stream),
+                       None, False, False)
+        return y
+    finally:
+        free(buf)
+
+
+def plain_backward(dy, x, mean, invstd, weight, training, axis):
+    """batch_norm_backward (-> dx, dweight, dbias) for a plain call; None for any other."""
+    cdef int code = _plain_data(x)
+    cdef Shape3 s
+    cdef int d
+    if code < 0 or _plain_data(dy) != code or not _plain_shape(<cnp.ndarray> x, axis, &s):
+        return None
+    if training is not True and training is not False:
+        return None
+    cdef cnp.ndarray xa = <cnp.ndarray> x, ga = <cnp.ndarray> dy, dx
+    if cnp.PyArray_NDIM(ga) != cnp.PyArray_NDIM(xa):
+        return None
+    for d in range(cnp.PyArray_NDIM(xa)):
+        if cnp.PyArray_DIMS(ga)[d] != cnp.PyArray_DIMS(xa)[d]:
+            return None
+    cdef bint frozen = training is False
+    if not frozen and s.outer * s.inner < 2:
+        return None
+    cdef double* buf = <double*> malloc(5 * s.C * sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    cdef double* m = buf
+    cdef double* iv = buf + s.C
+    cdef double* w = buf + 2 * s.C
+    cdef double* sdy = buf + 3 * s.C
+    cdef double* sxmu = buf + 4 * s.C
+    cdef bint stream
+    cdef int n_threads
+    cdef idx c
+    try:
+        if not (mean is not None and _plain_param(mean, s.C, 0.0, m)
+                and invstd is not None and _plain_param(invstd, s.C, 0.0, iv)
+                and _plain_param(weight, s.C, 1.0, w)):
+            return None
+        dx = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+        n_threads = _threads_stream(dx, s, &stream)
+        _run_backward(_view3(ga, s), _view3(xa, s), _view3(dx, s), m, iv, w, frozen, sdy, sxmu,
+                      n_threads, None, None, stream)
+        for c in range(s.C):  # dweight = invstd * sum(g * (x - mean)), as fastbn._api
+            sxmu[c] = iv[c] * sxmu[c]
+        return dx, _statistic(sxmu, s.C, code), _statistic(sdy, s.C, code)
+    finally:
+        free(buf)

@@ -45,6 +45,22 @@ def backend(name):
             os.environ["FASTBN_BACKEND"] = old
 
 
+NEVER = 1 << 62  # a size threshold no array reaches
+
+
+@contextlib.contextmanager
+def core_thresholds(parallel_min_elements=None, stream_min_bytes=None):
+    """Switch the compiled core's size policies (threads below a size, streaming stores
+    from a size) within the block."""
+    from fastbn import _bn_cpu
+    saved = _bn_cpu.thresholds()
+    _bn_cpu.thresholds(parallel_min_elements, stream_min_bytes)
+    try:
+        yield
+    finally:
+        _bn_cpu.thresholds(*saved)
+
+
 def reference(fn, *args, **kwargs):
     """fn(*args, **kwargs) on the pure-NumPy float64 reference backend."""
     with backend("reference"):

@@ -13,7 +13,8 @@ import pytest
 
 import fastbn as fbn
 from fastbn import _bn_cpu
-from conftest import DTYPES, assert_data_close, make_data, reference, stat_rtol
+from conftest import (DTYPES, NEVER, assert_data_close, core_thresholds, make_data, reference,
+                      stat_rtol)
 
 # (shape, axis): small odd sizes, the channels-last (inner == 1) path, shapes with several
 # reduction chunks (rows and inner segments) so that the split paths run too
@@ -556,12 +557,11 @@ def test_float16_is_float32_arithmetic_rounded_once(shape, axis):
 
 @pytest.mark.parametrize("shape,axis", [((8, 4, 70001), 1), ((600001, 4), -1)],
                          ids=["long-rows", "channels-last"])
-def test_streaming_stores_give_the_same_bits(shape, axis, monkeypatch):
+def test_streaming_stores_give_the_same_bits(shape, axis):
     """Large training/backward outputs are written with non-temporal stores (through an
     L1 staging buffer; the threshold is set here so that these arrays qualify); the bits
     equal the ordinary-store path, edges included (odd sizes, unaligned row starts)."""
-    from fastbn import _backend_cpu
-    monkeypatch.setattr(_backend_cpu, "_STREAM_MIN_BYTES", 8 << 20)
+    from fastbn import _bn_cpu
     x = make_data(shape, np.float32, seed=21)
     dy = make_data(shape, np.float32, seed=22)
     C = shape[axis]
@@ -576,10 +576,12 @@ def test_streaming_stores_give_the_same_bits(shape, axis, monkeypatch):
                                             training=False, axis=axis)[0]
         return y, y_eval, dx, dx_frozen
 
-    assert x.nbytes >= _backend_cpu._STREAM_MIN_BYTES
-    streamed = outputs()
-    monkeypatch.setattr(_backend_cpu, "_STREAM_MIN_BYTES", float("inf"))
-    for a, e in zip(streamed, outputs()):
+    with core_thresholds(stream_min_bytes=8 << 20):
+        assert x.nbytes >= _bn_cpu.thresholds()[1]
+        streamed = outputs()
+    with core_thresholds(stream_min_bytes=NEVER):
+        ordinary = outputs()
+    for a, e in zip(streamed, ordinary):
         np.testing.assert_array_equal(a, e)
     assert_data_close(streamed[1], reference(fbn.batch_norm, x, rm, rv, w, b, axis=axis))
 
@@ -664,13 +666,8 @@ def _tile_outputs(dtype_name, stream, cases=_TILES_CASES):
     `cases`, with data holding NaN, Inf, signed zeros and subnormals, contiguous and as
     views whose rows are farther apart; every output (and the backward's float64 sums) as
     bytes. stream: all outputs that can be written with streaming stores are (else none)."""
-    from fastbn import _backend_cpu
-    saved = _backend_cpu._STREAM_MIN_BYTES
-    _backend_cpu._STREAM_MIN_BYTES = 0 if stream else float("inf")
-    try:
+    with core_thresholds(stream_min_bytes=0 if stream else NEVER):
         return _tile_outputs_of(dtype_name, cases)
-    finally:
-        _backend_cpu._STREAM_MIN_BYTES = saved
 
 
 def _tile_outputs_of(dtype_name, cases):

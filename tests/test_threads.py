@@ -9,13 +9,13 @@ import pytest
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import fastbn as fbn
-from conftest import make_data
+from conftest import core_thresholds, make_data
 
 @pytest.fixture(autouse=True)
-def _always_parallel(monkeypatch):
+def _always_parallel():
     """Small calls normally run on one thread; here every call uses the whole team."""
-    from fastbn import _backend_cpu
-    monkeypatch.setattr(_backend_cpu, "_PARALLEL_MIN_ELEMENTS", 0)
+    with core_thresholds(parallel_min_elements=0):
+        yield
 
 
 # odd sizes; shapes with many chunks (so several threads share a channel) and few channels;
