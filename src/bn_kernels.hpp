@@ -1040,11 +1040,11 @@ template <class T> FASTBN_INLINE Moments channel_moments_nc(const T* xc, idx sox
 // when there is nothing to ask for (split false).
 template <class T, class F>
 FASTBN_INLINE void for_each_row_piece(const T* out_row, idx i0, idx i1, bool split, F f) {
-    if (!split) {
+    const idx line = 64 / (idx)sizeof(T), piece = 1024 / (idx)sizeof(T);
+    if (!split || i1 - i0 <= piece) {  // a row of one piece (7x7, 8x8): no alignment to find
         f(i0, i1);
         return;
     }
-    const idx line = 64 / (idx)sizeof(T), piece = 1024 / (idx)sizeof(T);
     const idx mis = (idx)(((uintptr_t)(out_row + i0) % 64) / sizeof(T));
     idx end = i0 + (mis ? line - mis : 0) + piece;
     for (idx a = i0; a < i1; end += piece) {
