@@ -7,9 +7,9 @@ every kernel ran, so a failing call changes nothing.
 
 The plain call of batch_norm, batch_norm_forward and batch_norm_backward (NumPy arrays,
 C-contiguous data of one float dtype, float32/float64 (C,) parameters, Python float
-momentum and eps, no out/activation/residual/y) first goes to the compiled core's
-``plain_*`` functions (fastbn._bn_cpu, "plain calls"): they accept only what these checks
-accept, run the same kernels on the same float64 parameters, and return None for
+momentum and eps, no out=; fused ReLU and residual included) first goes to the compiled
+core's ``plain_*`` functions (fastbn._bn_cpu, "plain calls"): they accept only what these
+checks accept, run the same kernels on the same float64 parameters, and return None for
 anything else, which then takes the path below. Their point is a call's fixed cost: after
 a pass over tens of MB the Python checks run from cold caches (tests/test_plain_calls.py
 compares the two paths bit for bit).
@@ -443,14 +443,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     >>> bool(y_relu.min() == 0)
     True
     """
-    if (_PLAIN_CALLS and out is None and activation is None and residual is None
-            and _ENV_KEY not in _ENV_DATA):
+    if _PLAIN_CALLS and out is None and _ENV_KEY not in _ENV_DATA:
         if training is True:
             y = _bn_cpu.plain_train(x, weight, bias, running_mean, running_var, momentum, eps,
-                                    axis, False)
+                                    axis, activation, residual, False)
         else:
             y = None if training is not False else _bn_cpu.plain_inference(
-                x, running_mean, running_var, weight, bias, momentum, eps, axis)
+                x, running_mean, running_var, weight, bias, momentum, eps, axis, activation,
+                residual)
         if y is not None:
             return y
     name, backend = backend_for(x, running_mean, running_var, weight, bias, out, residual)
@@ -519,10 +519,9 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     >>> y.shape, mean.dtype, invstd.shape
     ((16, 3, 5), dtype('float32'), (3,))
     """
-    if (_PLAIN_CALLS and out is None and activation is None and residual is None
-            and _ENV_KEY not in _ENV_DATA):
+    if _PLAIN_CALLS and out is None and _ENV_KEY not in _ENV_DATA:
         result = _bn_cpu.plain_train(x, weight, bias, running_mean, running_var, momentum, eps,
-                                     axis, True)
+                                     axis, activation, residual, True)
         if result is not None:
             return result
     name, backend = backend_for(x, weight, bias, running_mean, running_var, out, residual)
@@ -590,9 +589,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     >>> bool(np.abs(dx).max() < 1e-12), db  # a constant gradient does not reach x
     (True, array([32., 32., 32.]))
     """
-    if (_PLAIN_CALLS and out is None and activation is None and y is None
-            and return_residual_grad is False and _ENV_KEY not in _ENV_DATA):
-        result = _bn_cpu.plain_backward(dy, x, mean, invstd, weight, training, axis)
+    if _PLAIN_CALLS and out is None and _ENV_KEY not in _ENV_DATA:
+        result = _bn_cpu.plain_backward(dy, x, mean, invstd, weight, training, axis, activation,
+                                        y, return_residual_grad)
         if result is not None:
             return result
     _, backend = backend_for(dy, x, mean, invstd, weight, out, y)

@@ -1004,7 +1004,8 @@ def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
 
 # ------------------------------------------------------------------------ plain calls
 # The common call -- NumPy arrays, C-contiguous data of one dtype, float32/float64 (C,)
-# parameters, Python float momentum and eps, no out/activation/residual -- checked and run
+# parameters, Python float momentum and eps, no out= (fused ReLU and residual included) --
+# checked and run
 # here in compiled code. After a pass over tens of MB nothing of a call's Python code is
 # cached, and every bytecode and NumPy object the argument checks touch is a miss: in
 # benchmarks/compare.py's interleaved loop the checks of fastbn._api cost ~25 us of a
@@ -1033,6 +1034,29 @@ cdef int _plain_data(object a) noexcept:
         return 1
     if num == cnp.NPY_FLOAT16:
         return 2
+    return -1
+
+
+cdef bint _plain_like(object a, cnp.ndarray x, int code) noexcept:
+    """Plain data of x's dtype (code) and shape."""
+    if _plain_data(a) != code:
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray> a
+    cdef int d
+    if cnp.PyArray_NDIM(arr) != cnp.PyArray_NDIM(x):
+        return False
+    for d in range(cnp.PyArray_NDIM(x)):
+        if cnp.PyArray_DIMS(arr)[d] != cnp.PyArray_DIMS(x)[d]:
+            return False
+    return True
+
+
+cdef int _plain_relu(object activation) noexcept:
+    """1 for activation 'relu', 0 for None, -1 for anything else."""
+    if activation is None:
+        return 0
+    if type(activation) is str and activation == "relu":
+        return 1
     return -1
 
 
@@ -1144,13 +1168,16 @@ cdef cnp.ndarray _statistic(const double* v, idx C, int code):
 
 
 def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis,
-                bint statistics):
+                activation, residual, bint statistics):
     """batch_norm(training=True) (-> y) or, with statistics, batch_norm_forward (-> y,
     mean, invstd) for a plain call; None for any other."""
     cdef int code = _plain_data(x)
+    cdef int relu = _plain_relu(activation)
     cdef Shape3 s
     cdef double mom, epsilon
     if code < 0 or not _plain_shape(<cnp.ndarray> x, axis, &s) or s.outer * s.inner < 2:
+        return None
+    if relu < 0 or not (residual is None or _plain_like(residual, <cnp.ndarray> x, code)):
         return None
     if not (_plain_real(momentum, False, &mom) and _plain_real(eps, True, &epsilon)):
         return None
@@ -1175,7 +1202,8 @@ def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis,
         y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
         n_threads = _threads_stream(y, s, &stream)
         _run_train_forward(_view3(xa, s), _view3(y, s), w, b, epsilon, mean, var, invstd,
-                           n_threads, None, False, stream)
+                           n_threads, None if residual is None else _view3(residual, s),
+                           relu, stream)
         if running:
             if cnp.PyArray_TYPE(<cnp.ndarray> running_mean) == cnp.NPY_FLOAT32:
                 update_running_all(s.C, <float*> cnp.PyArray_DATA(<cnp.ndarray> running_mean), 1,
@@ -1192,12 +1220,16 @@ def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis,
         free(buf)
 
 
-def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, axis):
+def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, axis,
+                    activation, residual):
     """batch_norm(training=False) for a plain call; None for any other."""
     cdef int code = _plain_data(x)
+    cdef int relu = _plain_relu(activation)
     cdef Shape3 s
     cdef double mom, epsilon
     if code < 0 or not _plain_shape(<cnp.ndarray> x, axis, &s):
+        return None
+    if relu < 0 or not (residual is None or _plain_like(residual, <cnp.ndarray> x, code)):
         return None
     if not (_plain_real(momentum, False, &mom) and _plain_real(eps, True, &epsilon)):
         return None
@@ -1219,27 +1251,28 @@ def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, a
         inference_scales(s.C, w, rv, epsilon, scale)
         y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
         _run_normalize(_view3(xa, s), _view3(y, s), rm, scale, b, _threads_stream(y, s, &stream),
-                       None, False, False)
+                       None if residual is None else _view3(residual, s), relu, False)
         return y
     finally:
         free(buf)
 
 
-def plain_backward(dy, x, mean, invstd, weight, training, axis):
-    """batch_norm_backward (-> dx, dweight, dbias) for a plain call; None for any other."""
+def plain_backward(dy, x, mean, invstd, weight, training, axis, activation, y,
+                   return_residual_grad):
+    """batch_norm_backward (-> dx, dweight, dbias[, dresidual]) for a plain call; None for
+    any other."""
     cdef int code = _plain_data(x)
+    cdef int relu = _plain_relu(activation)
     cdef Shape3 s
-    cdef int d
-    if code < 0 or _plain_data(dy) != code or not _plain_shape(<cnp.ndarray> x, axis, &s):
+    if code < 0 or not _plain_like(dy, <cnp.ndarray> x, code) or not _plain_shape(<cnp.ndarray> x, axis, &s):
+        return None
+    if relu < 0 or not (_plain_like(y, <cnp.ndarray> x, code) if relu else y is None):
         return None
     if training is not True and training is not False:
         return None
-    cdef cnp.ndarray xa = <cnp.ndarray> x, ga = <cnp.ndarray> dy, dx
-    if cnp.PyArray_NDIM(ga) != cnp.PyArray_NDIM(xa):
+    if return_residual_grad is not True and return_residual_grad is not False:
         return None
-    for d in range(cnp.PyArray_NDIM(xa)):
-        if cnp.PyArray_DIMS(ga)[d] != cnp.PyArray_DIMS(xa)[d]:
-            return None
+    cdef cnp.ndarray xa = <cnp.ndarray> x, ga = <cnp.ndarray> dy, dx, dres = None
     cdef bint frozen = training is False
     if not frozen and s.outer * s.inner < 2:
         return None
@@ -1259,12 +1292,18 @@ def plain_backward(dy, x, mean, invstd, weight, training, axis):
                 and invstd is not None and _plain_param(invstd, s.C, 0.0, iv)
                 and _plain_param(weight, s.C, 1.0, w)):
             return None
+        if return_residual_grad:  # the masked dy (written by the kernel), or dy itself
+            dres = (cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+                    if relu else cnp.PyArray_NewCopy(ga, cnp.NPY_CORDER))
         dx = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
         n_threads = _threads_stream(dx, s, &stream)
         _run_backward(_view3(ga, s), _view3(xa, s), _view3(dx, s), m, iv, w, frozen, sdy, sxmu,
-                      n_threads, None, None, stream)
+                      n_threads, _view3(<cnp.ndarray> y, s) if relu else None,
+                      _view3(dres, s) if relu and dres is not None else None, stream)
         for c in range(s.C):  # dweight = invstd * sum(g * (x - mean)), as fastbn._api
             sxmu[c] = iv[c] * sxmu[c]
+        if dres is not None:
+            return dx, _statistic(sxmu, s.C, code), _statistic(sdy, s.C, code), dres
         return dx, _statistic(sxmu, s.C, code), _statistic(sdy, s.C, code)
     finally:
         free(buf)

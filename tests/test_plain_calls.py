@@ -56,6 +56,8 @@ def plain_case(draw):
         shape = (shape[0] + 1,) + shape[1:] if axis % ndim != 0 else shape[:1] + (shape[1] + 1,) + shape[2:]
     param = st.sampled_from([None, np.float32, np.float64])
     return dict(dtype=dtype, shape=shape, axis=axis, weight=draw(param), bias=draw(param),
+                activation=draw(st.sampled_from([None, "relu"])), residual=draw(st.booleans()),
+                residual_grad=draw(st.booleans()),
                 running=draw(st.sampled_from([None, np.float32, np.float64])),
                 momentum=draw(st.sampled_from([0.1, 0.0, 1.0, 0.37])),
                 eps=draw(st.sampled_from([1e-5, 0.0, 1e-3])), seed=draw(st.integers(0, 2**16)))
@@ -78,35 +80,37 @@ def _arrays(case):
 def test_plain_calls_give_the_bits_of_the_python_path(case):
     x, dy, C, w, b, rng = _arrays(case)
     axis, momentum, eps = case["axis"], case["momentum"], case["eps"]
+    fused = dict(activation=case["activation"],
+                 residual=(rng.standard_normal(x.shape).astype(x.dtype) if case["residual"]
+                           else None))
     rdt = case["running"]
     rm0 = None if rdt is None else rng.standard_normal(C).astype(rdt)
     rv0 = None if rdt is None else rng.random(C).astype(rdt)
     copy = (lambda a: None if a is None else a.copy())
+    def calls(rm, rv):
+        out = [fbn.batch_norm(x, rm, rv, w, b, training=True, momentum=momentum, eps=eps,
+                              axis=axis, **fused),
+               fbn.batch_norm_forward(x, w, b, rm, rv, momentum=momentum, eps=eps, axis=axis,
+                                      **fused)]
+        y, mean, invstd = out[1]
+        if rdt is not None:
+            out.append(fbn.batch_norm(x, rm, rv, w, b, momentum=momentum, eps=eps, axis=axis,
+                                      **fused))
+        relu = dict(activation="relu", y=y) if case["activation"] else {}
+        for training in (True, False):
+            out.append(fbn.batch_norm_backward(dy, x, mean, invstd, w, training=training,
+                                               axis=axis, **relu,
+                                               return_residual_grad=case["residual_grad"]))
+        return out
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_api, "backend_for", _no_python_path)
         rm1, rv1 = copy(rm0), copy(rv0)
-        plain = [fbn.batch_norm(x, rm1, rv1, w, b, training=True, momentum=momentum, eps=eps,
-                                axis=axis),
-                 fbn.batch_norm_forward(x, w, b, rm1, rv1, momentum=momentum, eps=eps, axis=axis)]
-        y, mean, invstd = plain[1]
-        if rdt is not None:
-            plain.append(fbn.batch_norm(x, rm1, rv1, w, b, momentum=momentum, eps=eps, axis=axis))
-        for training in (True, False):
-            plain.append(fbn.batch_norm_backward(dy, x, mean, invstd, w, training=training,
-                                                 axis=axis))
+        plain = calls(rm1, rv1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_api, "_PLAIN_CALLS", False)
         rm2, rv2 = copy(rm0), copy(rv0)
-        general = [fbn.batch_norm(x, rm2, rv2, w, b, training=True, momentum=momentum, eps=eps,
-                                  axis=axis),
-                   fbn.batch_norm_forward(x, w, b, rm2, rv2, momentum=momentum, eps=eps,
-                                          axis=axis)]
-        if rdt is not None:
-            general.append(fbn.batch_norm(x, rm2, rv2, w, b, momentum=momentum, eps=eps,
-                                          axis=axis))
-        for training in (True, False):
-            general.append(fbn.batch_norm_backward(dy, x, mean, invstd, w, training=training,
-                                                   axis=axis))
+        general = calls(rm2, rv2)
     for p, g in zip(plain, general):
         _same(p, g)
     if rdt is not None:
@@ -163,7 +167,7 @@ def test_other_arguments_are_handed_back_and_still_work(name):
     x, _, C = _base()
     args = dict(x=x, weight=np.full(C, 1.5, np.float32), bias=np.zeros(C),
                 running_mean=np.zeros(C, np.float32), running_var=np.ones(C, np.float32),
-                momentum=0.1, eps=1e-5, axis=1)
+                momentum=0.1, eps=1e-5, axis=1, activation=None, residual=None)
     args.update(HANDED_BACK[name](x, C))
     if isinstance(args["running_var"], str):
         args["running_var"] = args["running_mean"]
@@ -178,8 +182,9 @@ def test_other_arguments_are_handed_back_and_still_work(name):
 @pytest.mark.parametrize("x", [np.ones((4, 3, 2), ">f4"), np.ma.ones((4, 3, 2), np.float32)],
                          ids=["byte-swapped", "masked"])
 def test_arrays_fastbn_refuses_are_handed_back(x):
-    assert _bn_cpu.plain_train(x, None, None, None, None, 0.1, 1e-5, 1, False) is None
-    assert _bn_cpu.plain_backward(x, x, np.zeros(3), np.ones(3), None, True, 1) is None
+    assert _bn_cpu.plain_train(x, None, None, None, None, 0.1, 1e-5, 1, None, None, False) is None
+    assert _bn_cpu.plain_backward(x, x, np.zeros(3), np.ones(3), None, True, 1, None, None,
+                                  False) is None
     with pytest.raises(TypeError, match="x must be a floating array|does not accept"):
         fbn.batch_norm(x, training=True)
 
@@ -188,12 +193,12 @@ def test_read_only_running_statistics_are_handed_back_and_refused():
     x, _, C = _base()
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
     rv.flags.writeable = False
-    assert _bn_cpu.plain_train(x, None, None, rm, rv, 0.1, 1e-5, 1, False) is None
+    assert _bn_cpu.plain_train(x, None, None, rm, rv, 0.1, 1e-5, 1, None, None, False) is None
     with pytest.raises(ValueError, match="running_var is read-only"):
         fbn.batch_norm(x, rm, rv, training=True)
     assert not rm.any()
     # inference only reads them: plain
-    assert _bn_cpu.plain_inference(x, rm, rv, None, None, 0.1, 1e-5, 1) is not None
+    assert _bn_cpu.plain_inference(x, rm, rv, None, None, 0.1, 1e-5, 1, None, None) is not None
 
 
 def test_backend_forced_by_environment_is_honoured(python_only, monkeypatch):
@@ -218,7 +223,8 @@ def test_plain_calls_skip_the_python_checks(call, plain_only):
         y, mean, invstd = fbn.batch_norm_forward(x, momentum=0.5, eps=0.0)
         assert mean.dtype == invstd.dtype == np.float64
     else:
-        _, mean, invstd = _bn_cpu.plain_train(x, None, None, None, None, 0.1, 1e-5, 1, True)
+        _, mean, invstd = _bn_cpu.plain_train(x, None, None, None, None, 0.1, 1e-5, 1, None, None,
+                                              True)
         y, dw, db = fbn.batch_norm_backward(dy, x, mean, invstd)
         assert dw.shape == db.shape == (C,)
     assert y.shape == x.shape and y.dtype == x.dtype
@@ -265,7 +271,7 @@ def test_backward_arguments_the_plain_path_hands_back():
         (dy, x, None, invstd, None, True, 1),
     ]
     for args in handed_back:
-        assert _bn_cpu.plain_backward(*args) is None
+        assert _bn_cpu.plain_backward(*args, None, None, False) is None
     fbn.batch_norm_backward(dy, x, mean, invstd, training=1)
     fbn.batch_norm_backward(dy, x, mean, invstd, weight=np.ones(C, np.float16))
     with pytest.raises(TypeError, match="dy must have the dtype of x"):
@@ -276,7 +282,7 @@ def test_backward_arguments_the_plain_path_hands_back():
         fbn.batch_norm_backward(dy[:1, :, :1].copy(), x[:1, :, :1].copy(), mean, invstd)
     # frozen statistics need no second value per channel: plain
     assert _bn_cpu.plain_backward(dy[:1, :, :1].copy(), x[:1, :, :1].copy(), mean, invstd,
-                                  None, False, 1) is not None
+                                  None, False, 1, None, None, False) is not None
 
 
 def test_thread_count_reaches_the_plain_path():
@@ -299,10 +305,43 @@ def test_inference_arguments_the_plain_path_hands_back():
     x, _, C = _base()
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
     for args in [(x, None, rv), (x, rm, None), (x, rm, rv.tolist()), (x, rm, np.ones(C + 1))]:
-        assert _bn_cpu.plain_inference(*args, None, None, 0.1, 1e-5, 1) is None
+        assert _bn_cpu.plain_inference(*args, None, None, 0.1, 1e-5, 1, None, None) is None
     with pytest.raises(ValueError, match="must be defined in evaluation mode"):
         fbn.batch_norm(x, None, rv)
     with pytest.raises(ValueError, match="running_var must have shape"):
         fbn.batch_norm(x, rm, np.ones(C + 1))
     with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
         fbn.batch_norm(x, rm, rv, eps=-1.0)
+
+
+def test_fused_arguments_the_plain_path_hands_back():
+    x, dy, C = _base()
+    y = fbn.batch_norm(x, training=True, activation="relu")
+    mean, invstd = np.zeros(C, np.float32), np.ones(C, np.float32)
+    for activation, residual in [("ReLU", None), ("gelu", None), (None, x.astype(np.float64)),
+                                 (None, x[:, :, ::-1]), (None, x.tolist())]:
+        assert _bn_cpu.plain_train(x, None, None, None, None, 0.1, 1e-5, 1, activation,
+                                   residual, False) is None
+        assert _bn_cpu.plain_inference(x, mean, invstd, None, None, 0.1, 1e-5, 1, activation,
+                                       residual) is None
+    for activation, y_arg, wanted in [("relu", None, False), (None, y, False),
+                                      ("relu", y[:, :, ::-1], False), ("relu", y, 1)]:
+        assert _bn_cpu.plain_backward(dy, x, mean, invstd, None, True, 1, activation, y_arg,
+                                      wanted) is None
+    with pytest.raises(ValueError, match="activation must be None or 'relu'"):
+        fbn.batch_norm(x, training=True, activation="gelu")
+    with pytest.raises(TypeError, match="residual must have the dtype of x"):
+        fbn.batch_norm(x, training=True, residual=x.astype(np.float64))
+    with pytest.raises(ValueError, match="needs y"):
+        fbn.batch_norm_backward(dy, x, mean, invstd, activation="relu")
+    with pytest.raises(ValueError, match="y is only used with activation='relu'"):
+        fbn.batch_norm_backward(dy, x, mean, invstd, y=y)
+    # handed back, and the same results as their plain twins
+    a = fbn.batch_norm(x, training=True, residual=x[:, :, ::-1])
+    b = fbn.batch_norm(x, training=True, residual=np.ascontiguousarray(x[:, :, ::-1]))
+    _same(a, b)
+    a = fbn.batch_norm_backward(dy, x, mean, invstd, activation="relu", y=y,
+                                return_residual_grad=1)
+    b = fbn.batch_norm_backward(dy, x, mean, invstd, activation="relu", y=y,
+                                return_residual_grad=True)
+    _same(a, b)
