@@ -134,7 +134,8 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     void normalize_rows_nc[T](const T* x, T* y, idx sox, idx scx, idx soy, idx scy, idx C,
                               idx inner, idx w0, idx w1, const void* buf, Epilogue e)
     void chunk_sums_nlc[T](const T* dy, const T* x, idx srdy, idx srx, idx C, idx r0, idx r1,
-                           const double* mean, double* sdy, double* sxmu, Activation act)
+                           const double* mean, double* sdy, double* sxmu, Activation act,
+                           bint spread_ahead)
     void backward_elementwise_nlc[T](const T* dy, const T* x, T* dx, idx srdy, idx srx,
                                      idx srdx, idx C, idx r0, idx r1, const void* buf,
                                      bint frozen, Activation act)
@@ -239,15 +240,23 @@ cdef inline bint _stream_out(idx nbytes, idx C, idx inner, idx so_bytes, idx sc_
     return so_bytes == C * itemsize
 
 
-def thresholds(parallel_min_elements=None, stream_min_bytes=None):
-    """The size policies in force, (parallel_min_elements, stream_min_bytes), after setting
-    those given (tests switch them)."""
-    global _PARALLEL_MIN_ELEMENTS, _STREAM_MIN_BYTES
+# Backward sums over inputs (dy and x) at least this large -- more than a core's L2, so
+# taken not to be cache-resident -- ask for what comes next a line at a time in wide
+# channels-last rows (bn_kernels.hpp, sums_rows_nlc).
+cdef idx _SPREAD_AHEAD_MIN_BYTES = 1 << 20
+
+
+def thresholds(parallel_min_elements=None, stream_min_bytes=None, spread_ahead_min_bytes=None):
+    """The size policies in force, (parallel_min_elements, stream_min_bytes,
+    spread_ahead_min_bytes), after setting those given (tests switch them)."""
+    global _PARALLEL_MIN_ELEMENTS, _STREAM_MIN_BYTES, _SPREAD_AHEAD_MIN_BYTES
     if parallel_min_elements is not None:
         _PARALLEL_MIN_ELEMENTS = parallel_min_elements
     if stream_min_bytes is not None:
         _STREAM_MIN_BYTES = stream_min_bytes
-    return _PARALLEL_MIN_ELEMENTS, _STREAM_MIN_BYTES
+    if spread_ahead_min_bytes is not None:
+        _SPREAD_AHEAD_MIN_BYTES = spread_ahead_min_bytes
+    return _PARALLEL_MIN_ELEMENTS, _STREAM_MIN_BYTES, _SPREAD_AHEAD_MIN_BYTES
 
 
 def stream_output(cnp.ndarray out3):
@@ -733,6 +742,8 @@ cdef void _backward_sums(const data_t* dy, const data_t* x, cnp.ndarray dy3, cnp
     cdef double* col_sxmu = sxmu
     cdef idx sog = _stride(dy3, 0), scg = _stride(dy3, 1)
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
+    cdef bint spread_ahead = (cnp.PyArray_NBYTES(dy3) + cnp.PyArray_NBYTES(x3)
+                              >= _SPREAD_AHEAD_MIN_BYTES)
     cdef NCGrid g
     cdef NLCGrid gl
     cdef Sums t
@@ -753,7 +764,7 @@ cdef void _backward_sums(const data_t* dy, const data_t* x, cnp.ndarray dy3, cnp
             pq = parts + C * n_chunks
             for k in prange(n_chunks, schedule='static', num_threads=n_threads):
                 chunk_sums_nlc(dy, x, sog, sox, C, k * gl.chunk_rows, _rows_end(gl, k),
-                               col_mean, pd + k * C, pq + k * C, act)
+                               col_mean, pd + k * C, pq + k * C, act, spread_ahead)
             for c in range(C):
                 t.dy = 0
                 t.dy_xmu = 0

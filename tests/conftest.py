@@ -49,12 +49,13 @@ NEVER = 1 << 62  # a size threshold no array reaches
 
 
 @contextlib.contextmanager
-def core_thresholds(parallel_min_elements=None, stream_min_bytes=None):
+def core_thresholds(parallel_min_elements=None, stream_min_bytes=None,
+                    spread_ahead_min_bytes=None):
     """Switch the compiled core's size policies (threads below a size, streaming stores
-    from a size) within the block."""
+    and the backward sums' spread requests from a size) within the block."""
     from fastbn import _bn_cpu
     saved = _bn_cpu.thresholds()
-    _bn_cpu.thresholds(parallel_min_elements, stream_min_bytes)
+    _bn_cpu.thresholds(parallel_min_elements, stream_min_bytes, spread_ahead_min_bytes)
     try:
         yield
     finally:

@@ -586,6 +586,30 @@ def test_streaming_stores_give_the_same_bits(shape, axis):
     assert_data_close(streamed[1], reference(fbn.batch_norm, x, rm, rv, w, b, axis=axis))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu", [False, True])
+def test_spread_requests_in_wide_backward_sums_give_the_same_bits(dtype, relu):
+    """Backward sums over large inputs ask for the next rows a line at a time (wide float32
+    channels-last rows); the bits (dx, and the float64 sums) are those of the whole-row
+    requests. 9 chunks of rows (the last one short), rows of 1100 channels (4400 B)."""
+    x = make_data((64 * 8 + 37, 1100), dtype, seed=31)
+    dy = make_data(x.shape, dtype, seed=32)
+    y = fbn.batch_norm(x, training=True, activation="relu") if relu else None
+    act = dict(activation="relu", y=y) if relu else {}
+    _, mean, invstd = fbn.batch_norm_forward(x, axis=-1)
+
+    def outputs():
+        grads = fbn.batch_norm_backward(dy, x, mean, invstd, axis=-1, **act)
+        sums = fbn.backward_reduce(dy, x, mean, invstd, axis=-1, **act)
+        return [np.asarray(a).tobytes() for a in (*grads, *sums)]
+
+    assert dy.nbytes + x.nbytes >= _bn_cpu.thresholds()[2]
+    spread = outputs()
+    with core_thresholds(spread_ahead_min_bytes=NEVER):
+        whole_rows = outputs()
+    assert spread == whole_rows
+
+
 def _formula_tolerance(dtype):
     # the streamed-kernel tests' check of the values against the float64 formula
     return {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}.get(np.dtype(dtype), 3e-2)
