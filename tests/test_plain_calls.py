@@ -52,8 +52,9 @@ def plain_case(draw):
     ndim = draw(st.integers(2, 5))
     shape = tuple(draw(st.lists(st.integers(1, 7), min_size=ndim, max_size=ndim)))
     axis = draw(st.sampled_from([1, -1, 0, ndim - 1, -ndim]))
-    if np.prod(shape) // shape[axis] < 2:  # training needs 2+ values per channel
-        shape = (shape[0] + 1,) + shape[1:] if axis % ndim != 0 else shape[:1] + (shape[1] + 1,) + shape[2:]
+    if np.prod(shape) // shape[axis] < 2:  # training needs 2+ values per channel: grow
+        grow = 0 if axis % ndim != 0 else 1  # a dimension other than the channel axis
+        shape = shape[:grow] + (shape[grow] + 1,) + shape[grow + 1:]
     param = st.sampled_from([None, np.float32, np.float64])
     return dict(dtype=dtype, shape=shape, axis=axis, weight=draw(param), bias=draw(param),
                 activation=draw(st.sampled_from([None, "relu"])), residual=draw(st.booleans()),
