@@ -995,14 +995,17 @@ def update_running(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
     contiguous float64 (C,). Nothing in the loop can fail, so the statistics are never
     half-updated. (ndarray arguments: typed memoryviews of a fused type cost 0.4 us of a
     small call's 20.)"""
+    _update_running(running_mean, running_var, _dptr(mean), _dptr(var), count, momentum)
+
+
+cdef void _update_running(cnp.ndarray running_mean, cnp.ndarray running_var, const double* pm,
+                          const double* pv, double count, double momentum) noexcept:
     cdef idx C = running_mean.shape[0]
     cdef idx item = cnp.PyArray_ITEMSIZE(running_mean)
     cdef idx sm = cnp.PyArray_STRIDES(running_mean)[0] // item
     cdef idx sv = cnp.PyArray_STRIDES(running_var)[0] // item
     cdef void* rm = cnp.PyArray_DATA(running_mean)
     cdef void* rv = cnp.PyArray_DATA(running_var)
-    cdef const double* pm = _dptr(mean)
-    cdef const double* pv = _dptr(var)
     if C == 0:
         return
     if cnp.PyArray_TYPE(running_mean) == cnp.NPY_FLOAT32:
@@ -1164,6 +1167,33 @@ cdef int _threads_stream(cnp.ndarray out, Shape3 s, bint* stream) noexcept:
     return _threads_for(cnp.PyArray_SIZE(out))
 
 
+cdef int _plain_forward(object x, object axis, object activation, object residual,
+                        object momentum, object eps, Shape3* s, int* relu, double* mom,
+                        double* epsilon):
+    """The checks the training and inference forwards share -> x's dtype code, or -1."""
+    cdef int code = _plain_data(x)
+    relu[0] = _plain_relu(activation)
+    if code < 0 or relu[0] < 0 or not _plain_shape(<cnp.ndarray> x, axis, s):
+        return -1
+    if not (residual is None or _plain_like(residual, <cnp.ndarray> x, code)):
+        return -1
+    if not (_plain_real(momentum, False, mom) and _plain_real(eps, True, epsilon)):
+        return -1
+    return code
+
+
+cdef double* _channel_buffers(idx C) except NULL:
+    """Five float64 (C,) buffers in one block, for the caller to free."""
+    cdef double* buf = <double*> malloc(5 * max(C, 1) * sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    return buf
+
+
+cdef cnp.ndarray _empty_like(cnp.ndarray a):
+    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a), cnp.PyArray_TYPE(a), 0)
+
+
 cdef cnp.ndarray _statistic(const double* v, idx C, int code):
     """A (C,) statistic as returned: float64 for float64 data, float32 otherwise."""
     cdef cnp.npy_intp n = C
@@ -1181,22 +1211,17 @@ def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis,
                 activation, residual, bint statistics):
     """batch_norm(training=True) (-> y) or, with statistics, batch_norm_forward (-> y,
     mean, invstd) for a plain call; None for any other."""
-    cdef int code = _plain_data(x)
-    cdef int relu = _plain_relu(activation)
     cdef Shape3 s
+    cdef int relu
     cdef double mom, epsilon
-    if code < 0 or not _plain_shape(<cnp.ndarray> x, axis, &s) or s.outer * s.inner < 2:
-        return None
-    if relu < 0 or not (residual is None or _plain_like(residual, <cnp.ndarray> x, code)):
-        return None
-    if not (_plain_real(momentum, False, &mom) and _plain_real(eps, True, &epsilon)):
+    cdef int code = _plain_forward(x, axis, activation, residual, momentum, eps, &s, &relu,
+                                   &mom, &epsilon)
+    if code < 0 or s.outer * s.inner < 2:
         return None
     cdef bint running = running_mean is not None or running_var is not None
     if running and not _plain_running(running_mean, running_var, s.C):
         return None
-    cdef double* buf = <double*> malloc(5 * s.C * sizeof(double))
-    if buf == NULL:
-        raise MemoryError()
+    cdef double* buf = _channel_buffers(s.C)
     cdef double* w = buf
     cdef double* b = buf + s.C
     cdef double* mean = buf + 2 * s.C
@@ -1209,20 +1234,13 @@ def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis,
     try:
         if not (_plain_param(weight, s.C, 1.0, w) and _plain_param(bias, s.C, 0.0, b)):
             return None
-        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+        y = _empty_like(xa)
         n_threads = _threads_stream(y, s, &stream)
         _run_train_forward(_view3(xa, s), _view3(y, s), w, b, epsilon, mean, var, invstd,
                            n_threads, None if residual is None else _view3(residual, s),
                            relu, stream)
         if running:
-            if cnp.PyArray_TYPE(<cnp.ndarray> running_mean) == cnp.NPY_FLOAT32:
-                update_running_all(s.C, <float*> cnp.PyArray_DATA(<cnp.ndarray> running_mean), 1,
-                                   <float*> cnp.PyArray_DATA(<cnp.ndarray> running_var), 1,
-                                   mean, var, count, mom)
-            else:
-                update_running_all(s.C, <double*> cnp.PyArray_DATA(<cnp.ndarray> running_mean), 1,
-                                   <double*> cnp.PyArray_DATA(<cnp.ndarray> running_var), 1,
-                                   mean, var, count, mom)
+            _update_running(running_mean, running_var, mean, var, count, mom)
         if statistics:
             return y, _statistic(mean, s.C, code), _statistic(invstd, s.C, code)
         return y
@@ -1233,19 +1251,13 @@ def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis,
 def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, axis,
                     activation, residual):
     """batch_norm(training=False) for a plain call; None for any other."""
-    cdef int code = _plain_data(x)
-    cdef int relu = _plain_relu(activation)
     cdef Shape3 s
+    cdef int relu
     cdef double mom, epsilon
-    if code < 0 or not _plain_shape(<cnp.ndarray> x, axis, &s):
+    if _plain_forward(x, axis, activation, residual, momentum, eps, &s, &relu, &mom,
+                      &epsilon) < 0:
         return None
-    if relu < 0 or not (residual is None or _plain_like(residual, <cnp.ndarray> x, code)):
-        return None
-    if not (_plain_real(momentum, False, &mom) and _plain_real(eps, True, &epsilon)):
-        return None
-    cdef double* buf = <double*> malloc(5 * s.C * sizeof(double))
-    if buf == NULL:
-        raise MemoryError()
+    cdef double* buf = _channel_buffers(s.C)
     cdef double* rm = buf
     cdef double* rv = buf + s.C
     cdef double* w = buf + 2 * s.C
@@ -1259,7 +1271,7 @@ def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, a
                 and _plain_param(weight, s.C, 1.0, w) and _plain_param(bias, s.C, 0.0, b)):
             return None
         inference_scales(s.C, w, rv, epsilon, scale)
-        y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+        y = _empty_like(xa)
         _run_normalize(_view3(xa, s), _view3(y, s), rm, scale, b, _threads_stream(y, s, &stream),
                        None if residual is None else _view3(residual, s), relu, False)
         return y
@@ -1286,9 +1298,7 @@ def plain_backward(dy, x, mean, invstd, weight, training, axis, activation, y,
     cdef bint frozen = training is False
     if not frozen and s.outer * s.inner < 2:
         return None
-    cdef double* buf = <double*> malloc(5 * s.C * sizeof(double))
-    if buf == NULL:
-        raise MemoryError()
+    cdef double* buf = _channel_buffers(s.C)
     cdef double* m = buf
     cdef double* iv = buf + s.C
     cdef double* w = buf + 2 * s.C
@@ -1303,9 +1313,9 @@ def plain_backward(dy, x, mean, invstd, weight, training, axis, activation, y,
                 and _plain_param(weight, s.C, 1.0, w)):
             return None
         if return_residual_grad:  # the masked dy (written by the kernel), or dy itself
-            dres = (cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+            dres = (_empty_like(xa)
                     if relu else cnp.PyArray_NewCopy(ga, cnp.NPY_CORDER))
-        dx = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+        dx = _empty_like(xa)
         n_threads = _threads_stream(dx, s, &stream)
         _run_backward(_view3(ga, s), _view3(xa, s), _view3(dx, s), m, iv, w, frozen, sdy, sxmu,
                       n_threads, _view3(<cnp.ndarray> y, s) if relu else None,
