@@ -5,7 +5,12 @@ import numpy as np
 SHORT_ROW_MAX: int  # NC rows up to this long are walked as channels-last columns
 
 def openmp_enabled() -> bool: ...
-def max_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...  # fastbn.set_num_threads's count; 0: OpenMP's default
+def num_threads() -> int: ...  # threads of a large call (fastbn.get_num_threads)
+def threads_for(size: int) -> int: ...  # threads of a call on `size` elements
+def thresholds(parallel_min_elements: int | None = None, stream_min_bytes: int | None = None,
+               spread_ahead_min_bytes: int | None = None) -> tuple[int, int, int]: ...
+def stream_output(out3: np.ndarray) -> bool: ...  # training/backward output streamed
 def half_conversion() -> str: ...  # 'avx512', 'f16c' or 'plain'
 def channel_tiles() -> bool: ...  # channels-last register tiles (AVX-512 BW/VL, FASTBN_CHANNEL_TILES)
 def channel_block(outer: int, C: int, inner: int, itemsize: int, n_inputs: int,
@@ -32,3 +37,12 @@ def inference_scale(weight: np.ndarray, running_var: np.ndarray, eps: float,
                     scale: np.ndarray) -> None: ...
 def update_running(running_mean: np.ndarray, running_var: np.ndarray, mean: np.ndarray,
                    var: np.ndarray, count: float, momentum: float) -> None: ...
+
+# Plain calls: the public call checked and run in compiled code; None for any other
+# arguments (which fastbn._api then checks). See _api's module docstring.
+def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis, activation,
+                residual, statistics: bool): ...
+def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, axis,
+                    activation, residual): ...
+def plain_backward(dy, x, mean, invstd, weight, training, axis, activation, y,
+                   return_residual_grad): ...

@@ -174,11 +174,6 @@ def channel_block(idx outer, idx C, idx inner, int itemsize, int n_inputs, int n
     return _channel_block(C, outer, inner, itemsize, inner, n_inputs, n_threads)
 
 
-def max_threads():
-    """OpenMP's current default team size (OMP_NUM_THREADS, threadpoolctl limits)."""
-    return omp_get_max_threads()
-
-
 # ----------------------------------------------------------------- thread count, streaming
 # fastbn.set_num_threads's count (0: OpenMP's default team size), kept here so that the
 # compiled plain calls read it without a Python call.
