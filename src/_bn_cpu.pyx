@@ -39,6 +39,7 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
         idx res_sc
         bint relu
         bint stream
+        bint spread
     ctypedef struct Activation:
         const void* y
         idx y_so
@@ -126,7 +127,7 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     const idx MAX_BLOCK_CHANNELS
 
     double chunk_moments_nlc[T](const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean,
-                                double* m2, double* bmean, double* bm2)
+                                double* m2, double* bmean, double* bm2, bint spread_ahead)
     void prepare_channel_constants[T](const T* dtype_tag, idx C, idx group, const double* mean, const double* p0,
                                       const double* p1, const double* p2, void* buf)
     void normalize_nlc[T](const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1,
@@ -388,7 +389,7 @@ cdef inline idx _thread_scratch_stride(idx C) noexcept nogil:
 
 
 cdef void _moments_nlc(const data_t* x, idx sr, NLCGrid g, double* counts, double* mean,
-                       double* m2, double* parts, int n_threads) noexcept nogil:
+                       double* m2, double* parts, int n_threads, bint spread_ahead) noexcept nogil:
     # IN x (rows, C); OUT counts (1,), mean, m2 (C,);
     # parts: n_chunks + 2*C*n_chunks partials, then a cache-line-aligned scratch of
     # _thread_scratch_stride(C) per thread
@@ -401,7 +402,7 @@ cdef void _moments_nlc(const data_t* x, idx sr, NLCGrid g, double* counts, doubl
     for k in prange(g.n_chunks, schedule='static', num_threads=n_threads):
         mine = scratch + stride * threadid()
         parts[k] = chunk_moments_nlc(x, sr, g, k * g.chunk_rows, _rows_end(g, k),
-                                             pm + k * C, pq + k * C, mine, mine + C)
+                                             pm + k * C, pq + k * C, mine, mine + C, spread_ahead)
     counts[0] = merge_chunks_nlc(g.n_chunks, C, parts, pm, pq, mean, m2)
 
 
@@ -422,14 +423,16 @@ cdef void _moments_any(const data_t* x, cnp.ndarray x3, double* counts, double* 
     # ext: 2*C*group scratch (column moments) when group
     cdef idx outer = x3.shape[0], C = x3.shape[1], inner = x3.shape[2]
     cdef idx so = _stride(x3, 0), sc = _stride(x3, 1), c
+    cdef bint spread_ahead = cnp.PyArray_NBYTES(x3) >= _SPREAD_AHEAD_MIN_BYTES
     if group:
         with nogil:
             _moments_nlc(x, so, nlc_grid(outer, C * group), counts, ext, ext + C * group, parts,
-                         n_threads)
+                         n_threads, spread_ahead)
             merge_column_groups(C, group, counts[0], ext, ext + C * group, mean, m2)
     elif inner == 1:
         with nogil:
-            _moments_nlc(x, so, nlc_grid(outer, C), counts, mean, m2, parts, n_threads)
+            _moments_nlc(x, so, nlc_grid(outer, C), counts, mean, m2, parts, n_threads,
+                         spread_ahead)
             for c in range(1, C):
                 counts[c] = counts[0]
     else:
@@ -488,6 +491,7 @@ cdef Epilogue _epilogue(object res3, bint relu, bint stream):
     cdef Epilogue e
     e.relu = relu
     e.stream = stream
+    e.spread = False
     _optional_view(res3, &e.res, &e.res_so, &e.res_sc)
     return e
 
@@ -577,15 +581,16 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
     cdef int t
     cdef double count
     cdef idx pf_end = _prefetch_channels_end(C, outer, inner, sizeof(data_t), False)
+    cdef bint spread_ahead = cnp.PyArray_NBYTES(x3) >= _SPREAD_AHEAD_MIN_BYTES
     with nogil:
         if inner == 1 or group:
             gl = nlc_grid(outer, Cf)
             if group:
-                _moments_nlc(x, sox, gl, &count, ext, ext + Cf, parts, n_threads)
+                _moments_nlc(x, sox, gl, &count, ext, ext + Cf, parts, n_threads, spread_ahead)
                 merge_column_groups(C, group, count, ext, ext + Cf, mean, var)
                 count = count * group
             else:
-                _moments_nlc(x, sox, gl, &count, mean, var, parts, n_threads)
+                _moments_nlc(x, sox, gl, &count, mean, var, parts, n_threads, spread_ahead)
             finalize_channels(C, &count, 0, eps, var, invstd, weight, parts)
             prepare_channel_constants(x, C, max(group, 1), mean, parts, bias, NULL, consts)
             # each thread normalizes the chunks it reduced, walking back: the rows it read
@@ -703,6 +708,7 @@ cdef int _run_normalize(cnp.ndarray x3, cnp.ndarray y3, const double* mean,
     cdef void* py = cnp.PyArray_DATA(y3)
     cdef Epilogue e = _epilogue(res3, relu, stream)
     cdef int code = _dtype_code(x3)
+    e.spread = cnp.PyArray_NBYTES(x3) >= _SPREAD_AHEAD_MIN_BYTES
     if code == 0:
         _normalize(<const float*> px, <float*> py, x3, y3, mean, scale, shift, _dptr(consts), e, n_threads, group)
     elif code == 1:

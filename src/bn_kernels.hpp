@@ -637,6 +637,19 @@ template <class T> FASTBN_INLINE void prefetch_next_channel_row(const T* next, i
     for (idx i = i0; i < i1; i += step) __builtin_prefetch(p + i, 0, 3);
 }
 
+// Wide channels-last rows of arrays that are not cache-resident: a sweep over channels
+// [c0, c1) of a few rows asks for the rows that follow a line at a time as it goes
+// (ask(c) for the line at channel c, then work(c, c + line)), not whole rows at its
+// start: a burst of 128+ requests per row waits for free miss buffers.
+static const idx SPREAD_ROWS = 4;
+template <class Ask, class Work>
+FASTBN_INLINE void sweep_asking_ahead(idx c0, idx c1, idx line, const Ask& ask, const Work& work) {
+    for (idx c = c0; c < c1; c += line) {
+        ask(c);
+        work(c, c + line < c1 ? c + line : c1);
+    }
+}
+
 // Moments of one chunk of a channel. Long rows: each block streams ahead within its row
 // (merge_block's stream_ahead; cold (32,64,56,56) training forward, 2 threads: 1.67-2.04
 // -> 1.58-1.87 ms), and the row's last block asks for the next row's first one.
@@ -740,6 +753,7 @@ struct Epilogue {
     idx res_so, res_sc;
     bool relu;
     bool stream;  // write y with non-temporal stores (large outputs, not re-read soon)
+    bool spread;  // x not cache-resident: wide rows ask for what follows as they go (sweep_asking_ahead)
 };
 
 // Backward through a fused ReLU: the gradient is masked where the forward output y was
@@ -1966,7 +1980,7 @@ FASTBN_INLINE void block_moments_nlc_half(const half* x, idx sr, idx C, idx r, i
 // count.
 template <class T>
 FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean, double* m2,
-                                       double* bmean, double* bm2) {
+                                       double* bmean, double* bm2, bool spread_ahead) {
     const idx C = g.channels;
     const RowsAhead ahead = RowsAhead::of<T>(C, STATS_PREFETCH_AHEAD);
     double n_acc = 0;
@@ -1992,21 +2006,31 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
             const T* __restrict__ xk = x + r * sr;
             idx rr = r, rend = r + nb_rows;
             const idx c_begin = block_sums_nlc_in_tiles(x, sr, C, r, rend, r1, ahead, bs, bq);
+            const bool spread = std::is_same<T, float>::value && spread_ahead && C * (idx)sizeof(T) >= 4096;
             for (idx c = c_begin; c < C; ++c) { bs[c] = 0; bq[c] = 0; }
             for (; rr + 4 <= rend && c_begin < C; rr += 4) {
                 const T* __restrict__ x0 = x + rr * sr;
                 const T* __restrict__ x1 = x0 + sr;
                 const T* __restrict__ x2 = x1 + sr;
                 const T* __restrict__ x3 = x2 + sr;
+                auto channels = [&](idx ca, idx cb) FASTBN_LAMBDA_INLINE {
+                    for (idx c = ca; c < cb; ++c) {
+                        double K = to_double(xk[c]);
+                        double d0 = to_double(x0[c]) - K, d1 = to_double(x1[c]) - K;
+                        double d2 = to_double(x2[c]) - K, d3 = to_double(x3[c]) - K;
+                        bs[c] += (d0 + d1) + (d2 + d3);
+                        bq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+                    }
+                };
+                if (spread && rr + 4 + SPREAD_ROWS <= r1) {
+                    sweep_asking_ahead(c_begin, C, 64 / (idx)sizeof(T), [&](idx c) FASTBN_LAMBDA_INLINE {
+                        for (idx q = 4; q < 4 + SPREAD_ROWS; ++q) __builtin_prefetch(x0 + q * sr + c, 0, 3);
+                    }, channels);
+                    continue;
+                }
                 if (c_begin == 0)
                     for (idx j = 0; j < 4; ++j) prefetch_ahead_nlc(x, sr, C, rr + j, r1, ahead);
-                for (idx c = c_begin; c < C; ++c) {
-                    double K = to_double(xk[c]);
-                    double d0 = to_double(x0[c]) - K, d1 = to_double(x1[c]) - K;
-                    double d2 = to_double(x2[c]) - K, d3 = to_double(x3[c]) - K;
-                    bs[c] += (d0 + d1) + (d2 + d3);
-                    bq[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-                }
+                channels(c_begin, C);
             }
             for (; rr < rend && c_begin < C; ++rr) {
                 const T* __restrict__ xr = x + rr * sr;
@@ -2252,6 +2276,28 @@ FASTBN_INLINE void normalize_four_rows_to(const T* x, T* y, idx srx, idx sry, co
     else normalize_four_rows_nlc<T, RES, RELU>(x, srx, res, srr, y, y + sry, y + 2 * sry, y + 3 * sry, C, buf, 0, C);
 }
 
+// normalize_four_rows_to with ordinary stores, asking for the next four rows of x (and
+// of the residual) a line at a time as the rows are computed (sweep_asking_ahead).
+template <class T>
+FASTBN_INLINE void normalize_four_rows_asking_ahead(const T* x, T* y, idx srx, idx sry, const T* res, idx srr,
+                                                    bool relu, idx C, const void* buf) {
+    sweep_asking_ahead(0, C, 64 / (idx)sizeof(T), [&](idx c) FASTBN_LAMBDA_INLINE {
+        for (idx q = 4; q < 4 + SPREAD_ROWS; ++q) {
+            __builtin_prefetch(x + q * srx + c, 0, 3);
+            if (res) __builtin_prefetch(res + q * srr + c, 0, 3);
+        }
+    }, [&](idx ca, idx cb) FASTBN_LAMBDA_INLINE {
+        T* y0 = y + ca;
+        if (res) {
+            if (relu) normalize_four_rows_nlc<T, true, true>(x, srx, res, srr, y0, y0 + sry, y0 + 2 * sry, y0 + 3 * sry, C, buf, ca, cb - ca);
+            else normalize_four_rows_nlc<T, true, false>(x, srx, res, srr, y0, y0 + sry, y0 + 2 * sry, y0 + 3 * sry, C, buf, ca, cb - ca);
+        } else {
+            if (relu) normalize_four_rows_nlc<T, false, true>(x, srx, res, 0, y0, y0 + sry, y0 + 2 * sry, y0 + 3 * sry, C, buf, ca, cb - ca);
+            else normalize_four_rows_nlc<T, false, false>(x, srx, res, 0, y0, y0 + sry, y0 + 2 * sry, y0 + 3 * sry, C, buf, ca, cb - ca);
+        }
+    });
+}
+
 // ---------------------------------------------------------------- channel tiles in registers
 // Channels-last elementwise passes on AVX-512 CPUs: a tile of up to 64 channels keeps
 // its per-channel constants in registers (four or five vectors of 16 per 16 channels)
@@ -2411,7 +2457,14 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
         // -> 0.173-0.176; inference unchanged within the noise). Not for narrow rows
         // with ordinary stores: see normalize_four_rows_nlc.
         if (e.stream || C >= WIDE_NLC_CHANNELS) {
+            const bool spread = std::is_same<T, float>::value && e.spread && !e.stream && C * (idx)sizeof(T) >= 4096;
             for (; r + 4 <= r1; r += 4) {
+                if (spread && r + 4 + SPREAD_ROWS <= r1) {
+                    normalize_four_rows_asking_ahead(x + r * srx, y + r * sry, srx, sry,
+                                                     e.res ? (const T*)e.res + r * e.res_so : (const T*)0, e.res_so,
+                                                     e.relu, C, buf);
+                    continue;
+                }
                 for (idx j = 0; j < 4; ++j) {
                     prefetch_ahead_nlc(x, srx, C, r + j, r1, ahead);
                     prefetch_ahead_nlc((const T*)e.res, e.res_so, C, r + j, r1, ahead);
@@ -2666,15 +2719,14 @@ FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, 
                     qt[c] = sq;
                 }
             };
-            if (spread && r + 8 <= r1) {
-                for (idx c = 0; c < n; c += line) {
-                    for (idx q = 4; q < 8; ++q) {
+            if (spread && r + 4 + SPREAD_ROWS <= r1) {
+                sweep_asking_ahead(0, n, line, [&](idx c) FASTBN_LAMBDA_INLINE {
+                    for (idx q = 4; q < 4 + SPREAD_ROWS; ++q) {
                         __builtin_prefetch(g0 + q * srdy + c, 0, 3);
                         __builtin_prefetch(x0 + q * srx + c, 0, 3);
                         if (MASK) __builtin_prefetch(y0 + q * sry + c, 0, 3);
                     }
-                    channels(c, c + line < n ? c + line : n);
-                }
+                }, channels);
             } else {
                 channels(0, n);
             }

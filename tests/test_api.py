@@ -610,6 +610,40 @@ def test_spread_requests_in_wide_backward_sums_give_the_same_bits(dtype, relu):
     assert spread == whole_rows
 
 
+@pytest.mark.parametrize("epilogue", ["plain", "residual-relu"])
+@pytest.mark.parametrize("rows", ["contiguous", "strided"])
+def test_spread_requests_in_wide_forward_passes_give_the_same_bits(epilogue, rows):
+    """Statistics, training forward and inference over large float32 inputs ask for the next
+    rows a line at a time (wide channels-last rows, bn_kernels.hpp sweep_asking_ahead); the
+    bits are those of the whole-row requests, and the values those of the reference. 9
+    chunks of rows (the last one short), rows of 1100 channels (4400 B), and a view of
+    every row's first 1100 of 1300 channels."""
+    whole = make_data((64 * 8 + 37, 1300 if rows == "strided" else 1100), np.float32, seed=33)
+    x = whole[:, :1100]
+    C = x.shape[1]
+    rm, rv = make_data((C,), np.float32, seed=34), 1.0 + np.abs(make_data((C,), np.float32, seed=35))
+    w, b = make_data((C,), np.float32, seed=36), make_data((C,), np.float32, seed=37)
+    fused = dict(activation="relu", residual=make_data(x.shape, np.float32, seed=38)) \
+        if epilogue == "residual-relu" else {}
+
+    def outputs():
+        trm, trv = rm.copy(), rv.copy()
+        y, mean, invstd = fbn.batch_norm_forward(x, w, b, axis=-1, **fused)
+        moments = fbn.moments(x, axis=-1)
+        trained = fbn.batch_norm(x, trm, trv, w, b, training=True, axis=-1, **fused)
+        inferred = fbn.batch_norm(x, rm, rv, w, b, axis=-1, **fused)
+        return [np.asarray(a) for a in (y, mean, invstd, *moments, trained, trm, trv, inferred)]
+
+    assert x.nbytes >= _bn_cpu.thresholds()[2]
+    spread = outputs()
+    with core_thresholds(spread_ahead_min_bytes=NEVER):
+        whole_rows = outputs()
+    for a, e in zip(spread, whole_rows):
+        np.testing.assert_array_equal(a, e)
+    assert_data_close(spread[-1], reference(fbn.batch_norm, x, rm, rv, w, b, axis=-1, **fused))
+    assert_data_close(spread[0], reference(fbn.batch_norm_forward, x, w, b, axis=-1, **fused)[0])
+
+
 def _formula_tolerance(dtype):
     # the streamed-kernel tests' check of the values against the float64 formula
     return {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}.get(np.dtype(dtype), 3e-2)
