@@ -132,13 +132,14 @@ def test_gil_is_released():
 _PYX = pathlib.Path(__file__).resolve().parents[1] / "src" / "_bn_cpu.pyx"
 
 
-_PRANGE_LOOP = re.compile(r"\s*for\s.*\sin\s+prange\(")
+_PARALLEL_BLOCK = re.compile(r"\s*(for\s.*\sin\s+prange\(|with\s+(nogil,\s*)?parallel\()")
 
 
-def _prange_bodies(lines):
-    """(line number, body lines) of every prange loop of a Cython source."""
+def _parallel_bodies(lines):
+    """(line number, body lines) of every parallel block (or prange loop) of a Cython
+    source."""
     for i, line in enumerate(lines):
-        if not _PRANGE_LOOP.match(line):
+        if not _PARALLEL_BLOCK.match(line):
             continue
         indent = len(line) - len(line.lstrip())
         body = []
@@ -153,28 +154,31 @@ _ADDRESS_OF_LOCAL = re.compile(r"&[A-Za-z_]\w*(?![\w\[])")
 
 
 def _address_of_local_offenders(lines):
-    """(prange line, `&name`) for every local passed by address in a prange body."""
-    return [(n, m.group(0)) for n, body in _prange_bodies(lines)
+    """(block line, `&name`) for every local passed by address in a parallel block."""
+    return [(n, m.group(0)) for n, body in _parallel_bodies(lines)
             for line in body if not line.lstrip().startswith("#")
             for m in _ADDRESS_OF_LOCAL.finditer(line)]
 
 
 @pytest.mark.skipif(not _PYX.exists(), reason="needs the source checkout")
-def test_prange_bodies_pass_no_local_by_address():
-    """Cython makes a variable private to a prange thread only where the body assigns it;
-    one filled through `&name` stays shared by the team, a data race (a thread then walks
-    another thread's work range, or none). Elements (`&a[i]`) are fine; a local's field
-    (`&m.n`) is not."""
-    offenders = _address_of_local_offenders(_PYX.read_text().splitlines())
+def test_parallel_blocks_pass_no_local_by_address():
+    """Cython makes a variable private to a thread of a parallel block only where the block
+    assigns it; one filled through `&name` stays shared by the team, a data race (a thread
+    then walks another thread's work range, or none). Elements (`&a[i]`) are fine; a
+    local's field (`&m.n`) is not. (The core's blocks are found: the audit is not empty.)"""
+    lines = _PYX.read_text().splitlines()
+    assert len(list(_parallel_bodies(lines))) >= 10
+    offenders = _address_of_local_offenders(lines)
     assert not offenders, offenders
 
 
 def test_audit_finds_address_of_local():
     """the audit above can fail"""
-    src = ["for t in prange(n):", "    _block(n, t, &lo, &hi)", "    f(&a[t], &m.n)", "g(&x)"]
-    bodies = list(_prange_bodies(src))
-    assert bodies == [(1, ["    _block(n, t, &lo, &hi)", "    f(&a[t], &m.n)"])]
-    assert _address_of_local_offenders(src) == [(1, "&lo"), (1, "&hi"), (1, "&m")]
+    src = ["with parallel(num_threads=n):", "    _block(n, t, &lo, &hi)", "    f(&a[t], &m.n)",
+           "g(&x)", "for t in prange(n):", "    h(&q)"]
+    bodies = list(_parallel_bodies(src))
+    assert bodies == [(1, ["    _block(n, t, &lo, &hi)", "    f(&a[t], &m.n)"]), (5, ["    h(&q)"])]
+    assert _address_of_local_offenders(src) == [(1, "&lo"), (1, "&hi"), (1, "&m"), (5, "&q")]
 
 
 @pytest.mark.parametrize("shape,axis", [((3, 500, 7), 1), ((5, 3000), -1), ((2, 3, 5001), 1)])
@@ -189,3 +193,33 @@ def test_thread_ranges_under_oversubscription(shape, axis):
     for _ in range(40):
         for a, e in zip(_all_outputs(x, axis), expected):
             np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.skipif(not fbn._openmp_enabled(), reason="core built without OpenMP")
+def test_a_smaller_team_than_asked_for_still_does_all_the_work():
+    """Each thread of a parallel block takes its share of the items by the team's size, not
+    the count asked for: with OMP_THREAD_LIMIT=1 a request for 4 threads gets a team of one,
+    which must still write every output (the one-thread bits)."""
+    import os
+    import subprocess
+    import sys
+    script = """
+import numpy as np, fastbn as fbn
+from conftest import core_thresholds, make_data
+from test_threads import SHAPES, _all_outputs
+with core_thresholds(parallel_min_elements=0):
+    for shape, axis in SHAPES:
+        x = make_data(shape, np.float32, loc=5.0)
+        fbn.set_num_threads(1)
+        expected = _all_outputs(x, axis)
+        fbn.set_num_threads(4)
+        for a, e in zip(_all_outputs(x, axis), expected):
+            np.testing.assert_array_equal(a, e)
+print("ok")
+"""
+    here = str(pathlib.Path(__file__).resolve().parent)
+    env = dict(os.environ, OMP_THREAD_LIMIT="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
