@@ -2,7 +2,8 @@
 
 One process, same thread count for every library; enough input buffers are rotated that
 inputs are not cache-resident (more than 3x the last-level cache in total); peers are
-interleaved call by call and each figure is the median of many repeats. The machine's
+interleaved call by call and each figure is the median of many repeats (more for short
+calls: scaled_repeats). The machine's
 bandwidth is measured here too, before and after the cases: a 2-thread copy (read +
 write bytes) and a 2-thread read-only pass (an integer max) over 256 MB; percentages are
 against the higher of the two measurements.
@@ -269,8 +270,17 @@ def peak_extra_bytes(fn):
     return peak - returned
 
 
+def scaled_repeats(repeats, nbytes):
+    """Repeats for a case of nbytes per array: `repeats` from 8 MB up, more below (at most
+    16x): a call of a few microseconds is over before a scheduler tick or a neighbour's
+    burst has passed, so its median needs more samples to settle (the small case's
+    fastbn time moved 7.5 -> 9.5 us between runs of 25 repeats, 7.5-8.3 us with 400)."""
+    return repeats * int(min(16, max(1, (8 << 20) // max(nbytes, 1))))
+
+
 def run_case(case, repeats, rng):
     peers, k, nbytes, _ = build(case, rng)
+    repeats = scaled_repeats(repeats, nbytes)
     for f in peers.values():  # warm up (page faults, lazy init, thread pools)
         f(0)
         f(1 % k)
@@ -286,7 +296,7 @@ def run_case(case, repeats, rng):
     ref_bytes = nbytes if case.op == "moments" else 2 * nbytes
     return {"bw_gbs": ref_bytes / med.pop("bw") / 1e9,
             "case": case.label, "op": case.op, "shape": list(case.shape),
-            "dtype": case.dtype.name, "layout": case.layout, "buffers": k,
+            "dtype": case.dtype.name, "layout": case.layout, "buffers": k, "repeats": repeats,
             "bytes_per_pass": nbytes, "ideal_bytes": case.passes * nbytes,
             "unavoidable_bytes": case.unavoidable_passes(nbytes) * nbytes,
             "median_s": med, "extra_bytes": peak_extra_bytes(peers["fastbn"])}

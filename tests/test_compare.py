@@ -63,3 +63,13 @@ def test_reprints_a_saved_run(tmp_path, compare):
     out = subprocess.run([sys.executable, script, "--summary", str(path), str(path)],
                          capture_output=True, text=True, check=True).stdout
     assert "0/2" in out
+
+
+def test_short_calls_get_more_repeats(compare):
+    """The cases' own repeats from 8 MB per array up; below, more (up to 16x) for calls of
+    microseconds."""
+    assert compare.scaled_repeats(25, 32 * 64 * 56 * 56 * 4) == 25
+    assert compare.scaled_repeats(25, 8 << 20) == 25
+    assert compare.scaled_repeats(25, 256 * 2048 * 4) == 100
+    assert compare.scaled_repeats(25, 16 * 32 * 8 * 8 * 4) == 400
+    assert compare.scaled_repeats(3, 0) == 48
