@@ -196,14 +196,17 @@ def test_thread_ranges_under_oversubscription(shape, axis):
 
 
 @pytest.mark.skipif(not fbn._openmp_enabled(), reason="core built without OpenMP")
-def test_a_smaller_team_than_asked_for_still_does_all_the_work():
+def test_a_smaller_team_than_asked_for_still_does_all_the_work(tmp_path):
     """Each thread of a parallel block takes its share of the items by the team's size, not
     the count asked for: with OMP_THREAD_LIMIT=1 a request for 4 threads gets a team of one,
-    which must still write every output (the one-thread bits)."""
+    which must still write every output (the one-thread bits). Run from tmp_path, so that
+    the installed fastbn is imported, not the source tree."""
     import os
     import subprocess
     import sys
     script = """
+import sys
+sys.path.insert(0, {tests!r})
 import numpy as np, fastbn as fbn
 from conftest import core_thresholds, make_data
 from test_threads import SHAPES, _all_outputs
@@ -216,10 +219,8 @@ with core_thresholds(parallel_min_elements=0):
         for a, e in zip(_all_outputs(x, axis), expected):
             np.testing.assert_array_equal(a, e)
 print("ok")
-"""
-    here = str(pathlib.Path(__file__).resolve().parent)
-    env = dict(os.environ, OMP_THREAD_LIMIT="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                         timeout=600)
+""".format(tests=str(pathlib.Path(__file__).resolve().parent))
+    env = dict(os.environ, OMP_THREAD_LIMIT="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
