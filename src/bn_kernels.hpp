@@ -753,7 +753,7 @@ struct Epilogue {
     idx res_so, res_sc;
     bool relu;
     bool stream;  // write y with non-temporal stores (large outputs, not re-read soon)
-    bool spread;  // x not cache-resident: wide rows ask for what follows as they go (sweep_asking_ahead)
+    bool spread;  // x not cache-resident: ask for what follows as rows go (sweep_asking_ahead)
 };
 
 // Backward through a fused ReLU: the gradient is masked where the forward output y was
@@ -2277,7 +2277,10 @@ FASTBN_INLINE void normalize_four_rows_to(const T* x, T* y, idx srx, idx sry, co
 }
 
 // normalize_four_rows_to with ordinary stores, asking for the next four rows of x (and
-// of the residual) a line at a time as the rows are computed (sweep_asking_ahead).
+// of the residual) a line at a time as the rows are computed (sweep_asking_ahead). The
+// epilogue is picked per line here: folded into normalize_four_rows_to's template
+// dispatch instead, a cold (256, 2048) inference measured 0.058 -> 0.071 ms (2 threads,
+// builds called in turn, both orders).
 template <class T>
 FASTBN_INLINE void normalize_four_rows_asking_ahead(const T* x, T* y, idx srx, idx sry, const T* res, idx srr,
                                                     bool relu, idx C, const void* buf) {
