@@ -1,7 +1,7 @@
 // Per-channel batch-norm kernels for fastbn's CPU core.
 //
 // Every function here works on one channel (or one fixed chunk of one channel, or one
-// chunk of rows in the channels-last layout) and is called from Cython prange loops in
+// chunk of rows in the channels-last layout) and is called from the parallel blocks in
 // _bn_cpu.pyx, with the GIL released. Nothing here allocates, checks arguments or
 // touches Python objects: the Python layer validated everything before.
 //
