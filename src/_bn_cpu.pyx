@@ -238,9 +238,9 @@ cdef inline bint _stream_out(idx nbytes, idx C, idx inner, idx so_bytes, idx sc_
     return so_bytes == C * itemsize
 
 
-# Backward sums over inputs (dy and x) at least this large -- more than a core's L2, so
-# taken not to be cache-resident -- ask for what comes next a line at a time in wide
-# channels-last rows (bn_kernels.hpp, sums_rows_nlc).
+# Statistics, inference and backward sums over inputs (x; dy and x) at least this large
+# -- more than a core's L2, so taken not to be cache-resident -- ask for what comes next a
+# line at a time in wide channels-last rows (bn_kernels.hpp, sweep_asking_ahead).
 cdef idx _SPREAD_AHEAD_MIN_BYTES = 1 << 20
 
 

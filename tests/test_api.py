@@ -555,6 +555,18 @@ def test_float16_is_float32_arithmetic_rounded_once(shape, axis):
                                               training=False, axis=axis)[0].astype(np.float16))
 
 
+def _same_bits_both_ways(outputs, on, off):
+    """outputs() with the core's size policies set to `on`, then to `off`
+    (core_thresholds): the two runs must agree bit for bit. Returns the first."""
+    with core_thresholds(**on):
+        first = outputs()
+    with core_thresholds(**off):
+        second = outputs()
+    for a, e in zip(first, second):
+        np.testing.assert_array_equal(a, e)
+    return first
+
+
 @pytest.mark.parametrize("shape,axis", [((8, 4, 70001), 1), ((600001, 4), -1)],
                          ids=["long-rows", "channels-last"])
 def test_streaming_stores_give_the_same_bits(shape, axis):
@@ -576,13 +588,9 @@ def test_streaming_stores_give_the_same_bits(shape, axis):
                                             training=False, axis=axis)[0]
         return y, y_eval, dx, dx_frozen
 
-    with core_thresholds(stream_min_bytes=8 << 20):
-        assert x.nbytes >= _bn_cpu.thresholds()[1]
-        streamed = outputs()
-    with core_thresholds(stream_min_bytes=NEVER):
-        ordinary = outputs()
-    for a, e in zip(streamed, ordinary):
-        np.testing.assert_array_equal(a, e)
+    assert x.nbytes >= 8 << 20
+    streamed = _same_bits_both_ways(outputs, dict(stream_min_bytes=8 << 20),
+                                    dict(stream_min_bytes=NEVER))
     assert_data_close(streamed[1], reference(fbn.batch_norm, x, rm, rv, w, b, axis=axis))
 
 
@@ -604,10 +612,7 @@ def test_spread_requests_in_wide_backward_sums_give_the_same_bits(dtype, relu):
         return [np.asarray(a).tobytes() for a in (*grads, *sums)]
 
     assert dy.nbytes + x.nbytes >= _bn_cpu.thresholds()[2]
-    spread = outputs()
-    with core_thresholds(spread_ahead_min_bytes=NEVER):
-        whole_rows = outputs()
-    assert spread == whole_rows
+    _same_bits_both_ways(outputs, {}, dict(spread_ahead_min_bytes=NEVER))
 
 
 @pytest.mark.parametrize("epilogue", ["plain", "residual-relu"])
@@ -635,11 +640,7 @@ def test_spread_requests_in_wide_forward_passes_give_the_same_bits(epilogue, row
         return [np.asarray(a) for a in (y, mean, invstd, *moments, trained, trm, trv, inferred)]
 
     assert x.nbytes >= _bn_cpu.thresholds()[2]
-    spread = outputs()
-    with core_thresholds(spread_ahead_min_bytes=NEVER):
-        whole_rows = outputs()
-    for a, e in zip(spread, whole_rows):
-        np.testing.assert_array_equal(a, e)
+    spread = _same_bits_both_ways(outputs, {}, dict(spread_ahead_min_bytes=NEVER))
     assert_data_close(spread[-1], reference(fbn.batch_norm, x, rm, rv, w, b, axis=-1, **fused))
     assert_data_close(spread[0], reference(fbn.batch_norm_forward, x, w, b, axis=-1, **fused)[0])
 
