@@ -4,9 +4,11 @@ One process, same thread count for every library; enough input buffers are rotat
 inputs are not cache-resident (more than 3x the last-level cache in total); peers are
 interleaved call by call and each figure is the median of many repeats (more for short
 calls: scaled_repeats). The machine's
-bandwidth is measured here too, before and after the cases: a 2-thread copy (read +
-write bytes) and a 2-thread read-only pass (an integer max) over 256 MB; percentages are
-against the higher of the two measurements.
+bandwidth is measured here too: before and after the cases, a 2-thread copy with
+streaming stores (read + write bytes) and a 2-thread read over 256 MB; within each case,
+a pass with the case's own traffic on its own buffers, interleaved with the peers
+(measure_bandwidth, fastbn's floor_pass: next to no arithmetic). Percentages are against
+the highest of these.
 
 Per case it prints: ms per call for each peer, GB/s of ideal traffic (the bytes the
 op must move: training forward and inference read x and write y, backward reads dy and
@@ -31,11 +33,11 @@ import os
 import platform
 import time
 import tracemalloc
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 import fastbn as fbn
+from fastbn._bn_cpu import floor_pass
 
 try:
     import torch
@@ -50,30 +52,23 @@ EPS = 1e-5
 # ------------------------------------------------------------------ machine bandwidth
 
 def measure_bandwidth(threads, nbytes=256 * 2 ** 20, repeats=9):
-    n = nbytes // 4
-    src = np.ones(n, np.float32)
+    """The machine's bandwidth over nbytes at `threads` threads, GB/s: a copy with streaming
+    stores (read + write bytes) and a read, both fastbn's memory floor (floor_pass: next to
+    no arithmetic). NumPy's copy (glibc memcpy) and integer max moved 25-40 % less than
+    these here, which made every % of bandwidth look better than it was."""
+    src = np.arange(nbytes // 4, dtype=np.uint32)  # distinct pages (no shared zero pages)
     dst = np.empty_like(src)
-    parts = np.array_split(np.arange(n), threads)
-    bounds = [(p[0], p[-1] + 1) for p in parts]
-    pool = ThreadPoolExecutor(threads)
-
-    def copy():
-        list(pool.map(lambda b: np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]]), bounds))
-
-    words = src.view(np.uint32)
-
-    def read():  # an integer max: SIMD, memory-bound (a float32 sum is compute-bound here)
-        list(pool.map(lambda b: words[b[0]:b[1]].max(), bounds))
-
+    dst.fill(0)
     out = {}
-    for name, fn, mult in (("copy", copy, 2), ("read", read, 1)):
+    for name, fn, mult in (("copy", lambda: floor_pass(src, None, dst, threads, True), 2),
+                           ("read", lambda: floor_pass(src, None, None, threads, False), 1)):
+        fn()
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t)
         out[name] = mult * src.nbytes / float(np.median(times)) / 1e9
-    pool.shutdown()
     return out
 
 
@@ -134,15 +129,6 @@ def default_cases(quick):
 
 def _n_buffers(nbytes):
     return int(min(64, max(2, math.ceil(3 * LLC_BYTES / max(nbytes, 1)) + 1)))
-
-
-_POOLS = {}
-
-
-def _pool(n):
-    if n not in _POOLS:
-        _POOLS[n] = ThreadPoolExecutor(n)
-    return _POOLS[n]
 
 
 def build(case, rng):
@@ -232,26 +218,23 @@ def build(case, rng):
             fbn.set_num_threads(n)
 
     peers["fastbn 1 thread"] = one_thread
-    # the machine's bandwidth in the same interleaved loop, on the same buffers: a copy of
-    # x (read + write, the traffic of a forward pass) or, for moments, a read of x (an
-    # integer max: memory-bound, where a float sum is not). A shared machine's bandwidth
-    # drifts during a run; this moves with it. (glibc copies pieces this size with
-    # ordinary stores, the 256 MB measurement with streaming ones: both are kept.)
-    dst = np.empty_like(xs[0])
-    pool = _pool(fbn.get_num_threads())
-    bounds = np.linspace(0, xs[0].size, fbn.get_num_threads() + 1).astype(int)
-    parts = tuple(zip(bounds[:-1], bounds[1:]))
-    word = {2: np.uint16, 4: np.uint32, 8: np.uint64}[case.dtype.itemsize]
+    # the machine's bandwidth in the same interleaved loop, on the same buffers: the case's
+    # ideal traffic with next to no arithmetic (fastbn's floor_pass: moments read x; the
+    # forward passes copy x to a fresh output, as the peers return one; backward writes
+    # dy ^ x), with streaming stores and with ordinary ones (the faster counts). A shared
+    # machine's bandwidth drifts during a run; this moves with it.
+    nt = fbn.get_num_threads()
+    if case.op == "moments":
+        peers["floor"] = lambda i: floor_pass(xs[i], None, None, nt, False)
+    else:
+        def floor(i, stream):
+            out = np.empty_like(xs[i])
+            floor_pass(dys[i] if dys is not None else xs[i], xs[i] if dys is not None else None,
+                       out, nt, stream)
+            return out
 
-    def copy(i):
-        src, out = xs[i].reshape(-1), dst.reshape(-1)
-        list(pool.map(lambda b: np.copyto(out[b[0]:b[1]], src[b[0]:b[1]]), parts))
-
-    def read(i):
-        words = xs[i].reshape(-1).view(word)
-        list(pool.map(lambda b: words[b[0]:b[1]].max(), parts))
-
-    peers["bw"] = read if case.op == "moments" else copy
+        peers["floor"] = lambda i: floor(i, True)
+        peers["floor cached"] = lambda i: floor(i, False)
     return peers, k, nbytes, (xs, dys)
 
 
@@ -293,8 +276,8 @@ def run_case(case, repeats, rng):
             times[name].append(time.perf_counter() - t)
             i += 1
     med = {name: float(np.median(v)) for name, v in times.items()}
-    ref_bytes = nbytes if case.op == "moments" else 2 * nbytes
-    return {"bw_gbs": ref_bytes / med.pop("bw") / 1e9,
+    floor = min(med.pop(name) for name in ("floor", "floor cached") if name in med)
+    return {"bw_gbs": case.passes * nbytes / floor / 1e9,
             "case": case.label, "op": case.op, "shape": list(case.shape),
             "dtype": case.dtype.name, "layout": case.layout, "buffers": k, "repeats": repeats,
             "bytes_per_pass": nbytes, "ideal_bytes": case.passes * nbytes,
@@ -455,9 +438,10 @@ def report_summary(paths, markdown=False):
 def report(rows, bw, threads, markdown=False):
     print_table(COLUMNS, table_rows(rows, bw), [44] + [9] * (len(COLUMNS) - 1), markdown,
                 numbers=True)
-    print(f"(ms per call, medians; {threads} threads; bw GB/s: a {threads}-thread copy of the "
-          f"case's buffers (moments: a read) interleaved with it; % bw against the higher of "
-          f"that and the machine-wide copy {bw['copy']:.1f} GB/s (read {bw['read']:.1f} GB/s))")
+    print(f"(ms per call, medians; {threads} threads; bw GB/s: a {threads}-thread pass with the "
+          f"case's ideal traffic on its buffers, next to no arithmetic, interleaved with it; % bw "
+          f"against the higher of that and the machine-wide copy {bw['copy']:.1f} GB/s (read "
+          f"{bw['read']:.1f} GB/s))")
 
 
 def plot(rows, path):

@@ -19,6 +19,7 @@ Design (after sklearn/_loss/_loss.pyx.tp):
     the Python layer's checks.
 """
 from cython.parallel cimport parallel, threadid
+from libc.stdint cimport uint64_t
 cimport numpy as cnp
 import threading
 
@@ -126,6 +127,9 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
                                  const double* weight, bint frozen, Activation act,
                                  double* sdy, double* sxmu, const T* dy_next, const T* x_next)
     const idx STAGE_BYTES
+    uint64_t floor_read(const unsigned char* a, idx b0, idx b1)
+    void floor_write(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0,
+                     idx b1, bint stream)
     const idx MAX_BLOCK_CHANNELS
 
     double chunk_moments_nlc[T](const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean,
@@ -262,6 +266,44 @@ def stream_output(cnp.ndarray out3):
     return _stream_out(cnp.PyArray_NBYTES(out3), out3.shape[1], out3.shape[2],
                        cnp.PyArray_STRIDES(out3)[0], cnp.PyArray_STRIDES(out3)[1],
                        cnp.PyArray_ITEMSIZE(out3))
+
+
+def floor_pass(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, int n_threads, bint stream):
+    """benchmarks/compare.py's memory floor: the traffic of a call, next to no arithmetic.
+    IN a, b (None, or a's byte size), OUT out (None: a read of a; else out = a ^ b bytewise,
+    or a copy of a), all C-contiguous; streaming or ordinary stores. Returns the xor of
+    a read's 8-byte words (so that it is not optimized away), else 0."""
+    cdef const unsigned char* pa = <const unsigned char*> cnp.PyArray_DATA(a)
+    cdef const unsigned char* pb = NULL
+    cdef unsigned char* po = NULL
+    cdef idx n = cnp.PyArray_NBYTES(a)
+    cdef uint64_t r = 0
+    cdef int t
+    cdef uint64_t[::1] each = np.zeros(max(n_threads, 1), np.uint64)
+    for v in (a, b, out):
+        if v is not None and not (<cnp.ndarray> v).flags.c_contiguous:
+            raise ValueError("floor_pass: arrays must be C-contiguous")
+        if v is not None and cnp.PyArray_NBYTES(<cnp.ndarray> v) != n:
+            raise ValueError("floor_pass: arrays must have a's byte size")
+    if b is not None:
+        pb = <const unsigned char*> cnp.PyArray_DATA(b)
+    if out is not None:
+        po = <unsigned char*> cnp.PyArray_DATA(out)
+    with nogil:
+        if po == NULL:
+            if n_threads == 1:
+                r = floor_read(pa, 0, n)
+            else:
+                with parallel(num_threads=n_threads):
+                    each[threadid()] = floor_read(pa, _team_start(n, 0), _team_start(n, 1))
+                for t in range(n_threads):
+                    r ^= each[t]
+        elif n_threads == 1:
+            floor_write(pa, pb, po, 0, n, stream)
+        else:
+            with parallel(num_threads=n_threads):
+                floor_write(pa, pb, po, _team_start(n, 0), _team_start(n, 1), stream)
+    return r
 
 
 # ------------------------------------------------------------------------ helpers

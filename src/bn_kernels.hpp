@@ -3039,4 +3039,59 @@ FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx 
     if (act.stream) stream_fence();
 }
 
+
+// ---------------------------------------------------------------- memory floor (benchmarks)
+// Passes with a batch-norm call's memory traffic and next to no arithmetic, for
+// benchmarks/compare.py: the time the bytes alone take on this machine, in the same loop
+// as the libraries. Bytes [b0, b1) of each array: a read (an xor of 8-byte words, kept so
+// that the loads are not dropped), or out = a ^ b (b NULL: a copy), with 16-byte streaming
+// stores (the stores of the streamed outputs above) or ordinary ones.
+FASTBN_CLONES uint64_t floor_read(const unsigned char* a, idx b0, idx b1) {
+    idx i = b0;
+    uint64_t r = 0;
+#if FASTBN_HAVE_STREAM
+    __m128i acc[4] = {_mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128(), _mm_setzero_si128()};
+    for (; i + 64 <= b1; i += 64)
+        for (int k = 0; k < 4; ++k) acc[k] = _mm_xor_si128(acc[k], _mm_loadu_si128((const __m128i*)(a + i + 16 * k)));
+    alignas(16) uint64_t w[2];
+    _mm_store_si128((__m128i*)w, _mm_xor_si128(_mm_xor_si128(acc[0], acc[1]), _mm_xor_si128(acc[2], acc[3])));
+    r = w[0] ^ w[1];
+#endif
+    for (; i + 8 <= b1; i += 8) {
+        uint64_t w8;
+        std::memcpy(&w8, a + i, 8);
+        r ^= w8;
+    }
+    for (; i < b1; ++i) r ^= a[i];
+    return r;
+}
+
+FASTBN_CLONES void floor_write(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0, idx b1,
+                               bool stream) {
+    idx i = b0;
+#if FASTBN_HAVE_STREAM
+    if (stream) {
+        for (; i < b1 && ((uintptr_t)(out + i) & 15); ++i) out[i] = b ? a[i] ^ b[i] : a[i];
+        for (; i + 16 <= b1; i += 16) {
+            __m128i v = _mm_loadu_si128((const __m128i*)(a + i));
+            if (b) v = _mm_xor_si128(v, _mm_loadu_si128((const __m128i*)(b + i)));
+            _mm_stream_si128((__m128i*)(out + i), v);
+        }
+        _mm_sfence();
+    }
+#endif
+    if (b) {
+        for (; i + 8 <= b1; i += 8) {
+            uint64_t u, v;
+            std::memcpy(&u, a + i, 8);
+            std::memcpy(&v, b + i, 8);
+            u ^= v;
+            std::memcpy(out + i, &u, 8);
+        }
+        for (; i < b1; ++i) out[i] = a[i] ^ b[i];
+    } else {
+        std::memcpy(out + i, a + i, (size_t)(b1 - i));
+    }
+}
+
 }  // namespace fastbn

@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -73,3 +74,36 @@ def test_short_calls_get_more_repeats(compare):
     assert compare.scaled_repeats(25, 256 * 2048 * 4) == 100
     assert compare.scaled_repeats(25, 16 * 32 * 8 * 8 * 4) == 400
     assert compare.scaled_repeats(3, 0) == 48
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("nbytes", [0, 1, 15, 64, 1001, 4099, 1 << 16])
+def test_floor_pass_moves_every_byte(nbytes, stream, n_threads):
+    """The benchmark's memory floor copies, xors and reads every byte (odd sizes and
+    offsets: the streamed stores start at a 16-byte boundary), whatever the team."""
+    from fastbn._bn_cpu import floor_pass
+    rng = np.random.default_rng(nbytes)
+    a = rng.integers(0, 256, nbytes + 3, dtype=np.uint8)[3:]  # unaligned
+    b = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    a0, b0 = a.copy(), b.copy()
+    out = np.zeros(nbytes + 1, np.uint8)[1:]
+    assert floor_pass(a, None, out, n_threads, stream) == 0
+    np.testing.assert_array_equal(out, a)
+    floor_pass(a, b, out, n_threads, stream)
+    np.testing.assert_array_equal(out, a ^ b)
+    word = int(floor_pass(a, None, None, n_threads, False)).to_bytes(8, "little")
+    # 8-byte words xored, a tail of single bytes into the lowest byte: the xor of every
+    # byte of the result is the xor of every byte of a
+    assert np.bitwise_xor.reduce(np.frombuffer(word, np.uint8)) == np.bitwise_xor.reduce(a)
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, b0)
+
+
+def test_floor_pass_rejects_arrays_it_cannot_walk():
+    from fastbn._bn_cpu import floor_pass
+    a = np.zeros(64, np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        floor_pass(a, None, np.zeros(128, np.float32)[::2], 2, False)
+    with pytest.raises(ValueError, match="byte size"):
+        floor_pass(a, np.zeros(32, np.float32), np.zeros(64, np.float32), 2, False)
