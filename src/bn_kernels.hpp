@@ -1560,9 +1560,14 @@ FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx so
     t = channel_sums_nc(dyc, xc, sody, sox, g, mean, act, c);
     backward_coefficients(t, invstd, weight, (double)(g.outer * g.inner), false, &a, &b, &cc);
     BackwardCoef<T> k(a, b, cc, mean);
-    for (idx ch = 0; ch < g.n_chunks; ++ch) {
+    // dx from the last row back: the rows the sums read last are the likeliest still in L2
+    // (a channel's dy and x with the next channel's asked for do not fit). Builds called in
+    // turn, cold, both orders: (32,64,56,56) float32 2 threads 1.85 -> 1.82 ms, 2.15 ->
+    // 2.04, 2.07 -> 1.97; 1 thread 2.76 -> 2.53; 28x28 and 112x112 unchanged. The training
+    // forward walked backwards was slower (1.16-1.26 -> 1.20-1.42 ms).
+    for (idx ch = g.n_chunks - 1; ch >= 0; --ch) {
         Span s = nc_chunk(g, ch);
-        for (idx r = s.r0; r < s.r1; ++r)
+        for (idx r = s.r1 - 1; r >= s.r0; --r)
             for_each_row_piece(dxc + r * sodx, s.i0, s.i1, x_next != 0, [&](idx p0, idx p1) FASTBN_LAMBDA_INLINE {
                 prefetch_next_channel_row(dy_next, sody, r, p0, p1);
                 prefetch_next_channel_row(x_next, sox, r, p0, p1);
