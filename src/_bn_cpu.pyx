@@ -268,18 +268,25 @@ def stream_output(cnp.ndarray out3):
                        cnp.PyArray_ITEMSIZE(out3))
 
 
-def floor_pass(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, int n_threads, bint stream):
+cdef enum:
+    _FLOOR_MAX_THREADS = 256  # floor_pass: the most threads it runs
+
+
+def floor_pass(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out, int n_threads,
+               bint stream):
     """benchmarks/compare.py's memory floor: the traffic of a call, next to no arithmetic.
     IN a, b (None, or a's byte size), OUT out (None: a read of a; else out = a ^ b bytewise,
-    or a copy of a), all C-contiguous; streaming or ordinary stores. Returns the xor of
-    a read's 8-byte words (so that it is not optimized away), else 0."""
+    or a copy of a), all C-contiguous; streaming or ordinary stores; at most
+    _FLOOR_MAX_THREADS threads. Returns the xor of a read's 8-byte words (so that it is not
+    optimized away), else 0."""
     cdef const unsigned char* pa = <const unsigned char*> cnp.PyArray_DATA(a)
     cdef const unsigned char* pb = NULL
     cdef unsigned char* po = NULL
     cdef idx n = cnp.PyArray_NBYTES(a)
     cdef uint64_t r = 0
+    cdef uint64_t each[_FLOOR_MAX_THREADS]  # a read's per-thread results (no allocation)
     cdef int t
-    cdef uint64_t[::1] each = np.zeros(max(n_threads, 1), np.uint64)
+    n_threads = max(1, min(n_threads, _FLOOR_MAX_THREADS))
     for v in (a, b, out):
         if v is not None and not (<cnp.ndarray> v).flags.c_contiguous:
             raise ValueError("floor_pass: arrays must be C-contiguous")
@@ -294,6 +301,8 @@ def floor_pass(cnp.ndarray a, cnp.ndarray b, cnp.ndarray out, int n_threads, bin
             if n_threads == 1:
                 r = floor_read(pa, 0, n)
             else:
+                for t in range(n_threads):
+                    each[t] = 0  # threads the team did not get
                 with parallel(num_threads=n_threads):
                     each[threadid()] = floor_read(pa, _team_start(n, 0), _team_start(n, 1))
                 for t in range(n_threads):

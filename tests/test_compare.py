@@ -76,7 +76,7 @@ def test_short_calls_get_more_repeats(compare):
     assert compare.scaled_repeats(3, 0) == 48
 
 
-@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 1000])
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("nbytes", [0, 1, 15, 64, 1001, 4099, 1 << 16])
 def test_floor_pass_moves_every_byte(nbytes, stream, n_threads):
@@ -107,3 +107,5 @@ def test_floor_pass_rejects_arrays_it_cannot_walk():
         floor_pass(a, None, np.zeros(128, np.float32)[::2], 2, False)
     with pytest.raises(ValueError, match="byte size"):
         floor_pass(a, np.zeros(32, np.float32), np.zeros(64, np.float32), 2, False)
+    with pytest.raises(TypeError, match="'a'"):
+        floor_pass(None, None, a, 2, False)
