@@ -92,6 +92,8 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     void backward_coefficients_all(idx C, const double* sdy, const double* sxmu,
                                    const double* invstd, const double* weight, double m,
                                    bint frozen, double* a, double* b, double* c)
+    void fold_chunk_sums(idx n_chunks, idx C, const double* pd, const double* pq, double* sdy,
+                         double* sxmu)
     double merge_chunks_nlc(idx n_chunks, idx C, const double* counts, const double* means,
                             const double* m2s, double* out_mean, double* out_m2)
     void merge_column_groups(idx C, idx group, double n, const double* col_mean,
@@ -950,14 +952,7 @@ cdef void _backward_sums(const data_t* dy, const data_t* x, cnp.ndarray dy3, cnp
                 with parallel(num_threads=n_threads):
                     _chunk_sums_nlc_items(dy, x, sog, sox, gl, col_mean, parts, act, spread_ahead,
                                           _team_start(n_chunks, 0), _team_start(n_chunks, 1))
-            for c in range(C):
-                t.dy = 0
-                t.dy_xmu = 0
-                for k in range(n_chunks):
-                    t.dy += pd[k * C + c]
-                    t.dy_xmu += pq[k * C + c]
-                col_sdy[c] = t.dy
-                col_sxmu[c] = t.dy_xmu
+            fold_chunk_sums(n_chunks, C, pd, pq, col_sdy, col_sxmu)
             if group:
                 sum_column_groups(dy3.shape[1], group, col_sdy, sdy)
                 sum_column_groups(dy3.shape[1], group, col_sxmu, sxmu)

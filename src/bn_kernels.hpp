@@ -2055,7 +2055,7 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
 }
 
 // Fold chunk partials (chunk k at mean + k*C) in chunk order into out_mean/out_m2.
-inline double merge_chunks_nlc(idx n_chunks, idx C, const double* counts, const double* means,
+FASTBN_CLONES double merge_chunks_nlc(idx n_chunks, idx C, const double* counts, const double* means,
                                const double* m2s, double* out_mean, double* out_m2) {
     double n_acc = 0;
     for (idx k = 0; k < n_chunks; ++k) {
@@ -2067,6 +2067,22 @@ inline double merge_chunks_nlc(idx n_chunks, idx C, const double* counts, const 
         n_acc += nb;
     }
     return n_acc;
+}
+
+// The backward sums of every channel from the chunk partials (chunk k's at pd + k * C,
+// pq + k * C), added in chunk order from zero, as channel_sums_nc adds its chunks. A loop
+// over channels per chunk, so that it vectorizes (the per-channel loop over chunks did
+// not, and ran serially between two parallel passes).
+FASTBN_CLONES void fold_chunk_sums(idx n_chunks, idx C, const double* pd, const double* pq, double* sdy,
+                                   double* sxmu) {
+    for (idx c = 0; c < C; ++c) { sdy[c] = 0; sxmu[c] = 0; }
+    for (idx k = 0; k < n_chunks; ++k) {
+        const double* __restrict__ dk = pd + k * C;
+        const double* __restrict__ qk = pq + k * C;
+        double* __restrict__ sd = sdy;
+        double* __restrict__ sq = sxmu;
+        for (idx c = 0; c < C; ++c) { sd[c] += dk[c]; sq[c] += qk[c]; }
+    }
 }
 
 // ---------------------------------------------------------------- short rows as columns
