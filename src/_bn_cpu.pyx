@@ -668,6 +668,18 @@ cdef inline void _normalize_nlc_chunks(const data_t* x, data_t* y, idx sox, idx 
         normalize_nlc(x, y, sox, soy, gl.channels, kk * gl.chunk_rows, _rows_end(gl, kk), consts, e)
 
 
+cdef inline void _normalize_nlc(const data_t* x, data_t* y, idx sox, idx soy, NLCGrid gl,
+                                const double* consts, Epilogue e, bint most_recent_first,
+                                int n_threads) noexcept nogil:
+    # every channels-last row chunk, each thread its static share
+    if n_threads == 1:
+        _normalize_nlc_chunks(x, y, sox, soy, gl, consts, e, most_recent_first, 0, gl.n_chunks)
+    else:
+        with parallel(num_threads=n_threads):
+            _normalize_nlc_chunks(x, y, sox, soy, gl, consts, e, most_recent_first,
+                                  _team_start(gl.n_chunks, 0), _team_start(gl.n_chunks, 1))
+
+
 cdef inline void _train_blocks_nc(const data_t* x, data_t* y, idx sox, idx scx, idx soy, NCGrid g,
                                   idx C, idx nb, const double* weight, const double* bias,
                                   double eps, double* mean, double* var, double* invstd,
@@ -739,12 +751,7 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
             prepare_channel_constants(x, C, max(group, 1), mean, parts, bias, NULL, consts)
             # each thread normalizes the chunks it reduced, walking back: the rows it read
             # most recently are still in its own cache
-            if n_threads == 1:
-                _normalize_nlc_chunks(x, y, sox, soy, gl, consts, e, True, 0, gl.n_chunks)
-            else:
-                with parallel(num_threads=n_threads):
-                    _normalize_nlc_chunks(x, y, sox, soy, gl, consts, e, True,
-                                          _team_start(gl.n_chunks, 0), _team_start(gl.n_chunks, 1))
+            _normalize_nlc(x, y, sox, soy, gl, consts, e, True, n_threads)
             return
         g = nc_grid(outer, inner)
         split = _split_channels(C, g.n_chunks, n_threads)
@@ -836,12 +843,7 @@ cdef void _normalize(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
             inner = 1
         if inner == 1:
             gl = nlc_grid(outer, C)
-            if n_threads == 1:
-                _normalize_nlc_chunks(x, y, sox, soy, gl, consts, e, False, 0, gl.n_chunks)
-            else:
-                with parallel(num_threads=n_threads):
-                    _normalize_nlc_chunks(x, y, sox, soy, gl, consts, e, False,
-                                          _team_start(gl.n_chunks, 0), _team_start(gl.n_chunks, 1))
+            _normalize_nlc(x, y, sox, soy, gl, consts, e, False, n_threads)
             return
         # rows (o, c) in memory order: each thread streams through one contiguous range
         n_rows = outer * C
