@@ -8,7 +8,10 @@ bandwidth is measured here too: before and after the cases, a 2-thread copy with
 streaming stores (read + write bytes) and a 2-thread read over 256 MB; within each case,
 a pass with the case's own traffic on its own buffers, interleaved with the peers
 (measure_bandwidth, fastbn's floor_pass: next to no arithmetic). Percentages are against
-the highest of these.
+the highest of these. For the NC cases the core runs as fused per-channel passes (a
+channel's reduction read from memory, then its output written from cache), a further peer
+moves the same bytes in that order with next to no arithmetic (floor_fused, "fused
+floor"): the targets table says what that access pattern alone reaches.
 
 Per case it prints: ms per call for each peer, GB/s of ideal traffic (the bytes the
 op must move: training forward and inference read x and write y, backward reads dy and
@@ -37,7 +40,7 @@ import tracemalloc
 import numpy as np
 
 import fastbn as fbn
-from fastbn._bn_cpu import floor_pass
+from fastbn._bn_cpu import floor_fused, floor_pass
 
 try:
     import torch
@@ -104,6 +107,16 @@ class Case:
         if self.layout == "nhwc" and nbytes > LLC_BYTES // 2 and self.op in ("train", "backward"):
             return {"train": 3, "backward": 5}[self.op]
         return self.passes
+
+    def fused_rows(self):
+        """(outer, C) where the CPU core runs this case as its fused per-channel pass over
+        long rows (NC layout, rows of 4 KB or more: a channel's reduction read from memory,
+        then its output written while the channel is in cache), else None."""
+        if self.layout != "nchw" or self.op not in ("train", "backward") or len(self.shape) < 3:
+            return None
+        if int(np.prod(self.shape[2:])) * self.dtype.itemsize < 4096:
+            return None
+        return self.shape[0], self.shape[1]
 
 
 def default_cases(quick):
@@ -233,6 +246,18 @@ def build(case, rng):
                        out, nt, stream)
             return out
 
+        # the fused per-channel passes' order of the same bytes (floor_fused): what that
+        # access pattern alone takes. It runs after the 1-thread call, whose outputs are
+        # streamed (no dirty lines to write back), so it is measured at its fastest.
+        fused = case.fused_rows()
+        if fused:
+            def fused_floor(i):
+                out = np.empty_like(xs[i])
+                floor_fused(dys[i] if dys is not None else xs[i], xs[i] if dys is not None else None,
+                            out, fused[0], fused[1], nt, True)
+                return out
+
+            peers["fused floor"] = fused_floor
         peers["floor"] = lambda i: floor(i, True)
         peers["floor cached"] = lambda i: floor(i, False)
     return peers, k, nbytes, (xs, dys)
@@ -375,6 +400,9 @@ def target_rows(rows, bw, bw1=None):
     traffic; channels-last training and backward: Case.unavoidable_passes) at `need` GB/s, shown
     as % of the case's bandwidth (case_bandwidth). Above 100 %, the target asks fastbn to
     move its bytes faster than this machine copied (read) memory at any point of the run.
+    Where the case has a fused floor (Case.fused_rows), it also shows what that access
+    pattern alone reaches: a target beyond it is beyond any pass that reduces a channel
+    from memory before writing its output from cache, as the fused passes must.
     For 2 threads over 1 the bound is how much the machine's own 256 MB copy (read) gained
     from the second thread: a memory-bound operation cannot gain more."""
     out = []
@@ -399,6 +427,13 @@ def target_rows(rows, bw, bw1=None):
             elif value < target and peer == "fastbn 1 thread" and bw1:
                 key = "read" if r["op"] == "moments" else "copy"
                 need = f"the machine's {key}: {bw[key] / bw1[key]:.2f}x"
+            fused = med.get("fused floor")
+            if value < target and fused and peer in (None, "torch", "numpy"):
+                alone = 100 * r["ideal_bytes"] / fused / 1e9 / ref if peer is None else med[peer] / fused
+                fused_need = (f"the fused pattern alone: {alone:.0f}%" if peer is None
+                              else f"the fused pattern alone: {alone:.2f}x")
+                fused_need += " (beyond it)" if alone < target else ""
+                need = f"{need}; {fused_need}" if need else fused_need
             out.append((r["case"], name, f"{value:.2f}" if peer else f"{value:.0f}%",
                         "yes" if value >= target else "no", need))
     return out

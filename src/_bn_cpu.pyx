@@ -132,6 +132,9 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     uint64_t floor_read(const unsigned char* a, idx b0, idx b1)
     void floor_write(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0,
                      idx b1, bint stream)
+    uint64_t floor_fused_channels(const unsigned char* a, const unsigned char* b,
+                                  unsigned char* out, idx outer, idx C, idx row_bytes, idx c0,
+                                  idx c1, bint stream)
     const idx MAX_BLOCK_CHANNELS
 
     double chunk_moments_nlc[T](const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean,
@@ -274,6 +277,17 @@ cdef enum:
     _FLOOR_MAX_THREADS = 256  # floor_pass: the most threads it runs
 
 
+cdef idx _floor_bytes(str name, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out) except -1:
+    # the byte size of a, after checking that a, b and out (None allowed) can be walked
+    cdef idx n = cnp.PyArray_NBYTES(a)
+    for v in (a, b, out):
+        if v is not None and not (<cnp.ndarray> v).flags.c_contiguous:
+            raise ValueError(f"{name}: arrays must be C-contiguous")
+        if v is not None and cnp.PyArray_NBYTES(<cnp.ndarray> v) != n:
+            raise ValueError(f"{name}: arrays must have a's byte size")
+    return n
+
+
 def floor_pass(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out, int n_threads,
                bint stream):
     """benchmarks/compare.py's memory floor: the traffic of a call, next to no arithmetic.
@@ -284,16 +298,11 @@ def floor_pass(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out, int n_thr
     cdef const unsigned char* pa = <const unsigned char*> cnp.PyArray_DATA(a)
     cdef const unsigned char* pb = NULL
     cdef unsigned char* po = NULL
-    cdef idx n = cnp.PyArray_NBYTES(a)
+    cdef idx n = _floor_bytes("floor_pass", a, b, out)
     cdef uint64_t r = 0
     cdef uint64_t each[_FLOOR_MAX_THREADS]  # a read's per-thread results (no allocation)
     cdef int t
     n_threads = max(1, min(n_threads, _FLOOR_MAX_THREADS))
-    for v in (a, b, out):
-        if v is not None and not (<cnp.ndarray> v).flags.c_contiguous:
-            raise ValueError("floor_pass: arrays must be C-contiguous")
-        if v is not None and cnp.PyArray_NBYTES(<cnp.ndarray> v) != n:
-            raise ValueError("floor_pass: arrays must have a's byte size")
     if b is not None:
         pb = <const unsigned char*> cnp.PyArray_DATA(b)
     if out is not None:
@@ -314,6 +323,43 @@ def floor_pass(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out, int n_thr
         else:
             with parallel(num_threads=n_threads):
                 floor_write(pa, pb, po, _team_start(n, 0), _team_start(n, 1), stream)
+    return r
+
+
+def floor_fused(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out not None, idx outer,
+                idx C, int n_threads, bint stream):
+    """benchmarks/compare.py's floor for the fused per-channel passes (long NC rows): the
+    same bytes in the same order, next to no arithmetic. a, b (None, or a's byte size) and
+    out, C-contiguous, walked as (outer, C, row) bytes: per channel its rows of a and b are
+    read, then out = a ^ b (or a copy of a) is written from the last row back while the
+    next channel is asked for; channels split over the team as the passes split them; at
+    most _FLOOR_MAX_THREADS threads. Returns the xor of the reads."""
+    cdef const unsigned char* pa = <const unsigned char*> cnp.PyArray_DATA(a)
+    cdef const unsigned char* pb = NULL
+    cdef unsigned char* po = <unsigned char*> cnp.PyArray_DATA(out)
+    cdef idx n = _floor_bytes("floor_fused", a, b, out)
+    cdef uint64_t r = 0
+    cdef uint64_t each[_FLOOR_MAX_THREADS]
+    cdef int t
+    if outer < 1 or C < 1 or n % (outer * C):
+        raise ValueError(f"floor_fused: outer={outer} and C={C} must be positive and divide "
+                         f"the {n} bytes into rows")
+    cdef idx row_bytes = n // (outer * C)
+    n_threads = max(1, min(n_threads, _FLOOR_MAX_THREADS))
+    if b is not None:
+        pb = <const unsigned char*> cnp.PyArray_DATA(b)
+    with nogil:
+        if n_threads == 1:
+            r = floor_fused_channels(pa, pb, po, outer, C, row_bytes, 0, C, stream)
+        else:
+            for t in range(n_threads):
+                each[t] = 0
+            with parallel(num_threads=n_threads):
+                each[threadid()] = floor_fused_channels(pa, pb, po, outer, C, row_bytes,
+                                                        _team_start(C, 0), _team_start(C, 1),
+                                                        stream)
+            for t in range(n_threads):
+                r ^= each[t]
     return r
 
 

@@ -3067,7 +3067,7 @@ FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx 
 // as the libraries. Bytes [b0, b1) of each array: a read (an xor of 8-byte words, kept so
 // that the loads are not dropped), or out = a ^ b (b NULL: a copy), with 16-byte streaming
 // stores (the stores of the streamed outputs above) or ordinary ones.
-FASTBN_CLONES uint64_t floor_read(const unsigned char* a, idx b0, idx b1) {
+FASTBN_INLINE uint64_t floor_read_span(const unsigned char* a, idx b0, idx b1) {
     idx i = b0;
     uint64_t r = 0;
 #if FASTBN_HAVE_STREAM
@@ -3087,8 +3087,9 @@ FASTBN_CLONES uint64_t floor_read(const unsigned char* a, idx b0, idx b1) {
     return r;
 }
 
-FASTBN_CLONES void floor_write(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0, idx b1,
-                               bool stream) {
+// floor_write's stores without the closing fence (one piece of a pass).
+FASTBN_INLINE void floor_write_span(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0,
+                                    idx b1, bool stream) {
     idx i = b0;
 #if FASTBN_HAVE_STREAM
     if (stream) {
@@ -3098,7 +3099,6 @@ FASTBN_CLONES void floor_write(const unsigned char* a, const unsigned char* b, u
             if (b) v = _mm_xor_si128(v, _mm_loadu_si128((const __m128i*)(b + i)));
             _mm_stream_si128((__m128i*)(out + i), v);
         }
-        _mm_sfence();
     }
 #endif
     if (b) {
@@ -3113,6 +3113,53 @@ FASTBN_CLONES void floor_write(const unsigned char* a, const unsigned char* b, u
     } else {
         std::memcpy(out + i, a + i, (size_t)(b1 - i));
     }
+}
+
+FASTBN_CLONES uint64_t floor_read(const unsigned char* a, idx b0, idx b1) { return floor_read_span(a, b0, b1); }
+
+FASTBN_CLONES void floor_write(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0, idx b1,
+                               bool stream) {
+    floor_write_span(a, b, out, b0, b1, stream);
+    if (stream) stream_fence();
+}
+
+// The access pattern of the fused per-channel passes on long rows (train_forward_channel_nc,
+// backward_channel_nc; rows of 4 KB and more) with next to no arithmetic: channels [c0, c1)
+// of (outer, C, row_bytes) byte arrays, each read (a, and b unless NULL) a piece at a time
+// asking for the bytes STATS_PREFETCH_AHEAD past it, then written (out = a ^ b, or a copy)
+// from cache from the last row back, in for_each_row_piece's pieces, each asking for the
+// same piece of the next channel. What the bytes alone take in the order those passes
+// must move them (a channel's reduction before its writes). Returns the reads' xor.
+FASTBN_CLONES uint64_t floor_fused_channels(const unsigned char* a, const unsigned char* b, unsigned char* out,
+                                            idx outer, idx C, idx row_bytes, idx c0, idx c1, bool stream) {
+    const idx so = C * row_bytes, piece = STREAM_PIECE * (idx)sizeof(float);
+    uint64_t r = 0;
+    for (idx c = c0; c < c1; ++c) {
+        const idx base = c * row_bytes;
+        for (idx row = 0; row < outer; ++row)
+            for (idx i = 0; i < row_bytes; i += piece) {
+                const idx end = row_bytes - i < piece ? row_bytes : i + piece;
+                const idx off = base + row * so;
+                prefetch_past(a + off + i, end - i);
+                r ^= floor_read_span(a + off, i, end);
+                if (b) {
+                    prefetch_past(b + off + i, end - i);
+                    r ^= floor_read_span(b + off, i, end);
+                }
+            }
+        const unsigned char* a_next = c + 1 < c1 ? a + base + row_bytes : nullptr;
+        const unsigned char* b_next = b && c + 1 < c1 ? b + base + row_bytes : nullptr;
+        for (idx row = outer - 1; row >= 0; --row) {
+            const idx off = base + row * so;
+            for_each_row_piece(out + off, 0, row_bytes, a_next != nullptr, [&](idx p0, idx p1) FASTBN_LAMBDA_INLINE {
+                prefetch_next_channel_row(a_next, so, row, p0, p1);
+                prefetch_next_channel_row(b_next, so, row, p0, p1);
+                floor_write_span(a + off, b ? b + off : nullptr, out + off, p0, p1, stream);
+            });
+        }
+    }
+    if (stream) stream_fence();
+    return r;
 }
 
 }  // namespace fastbn

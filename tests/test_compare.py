@@ -49,6 +49,39 @@ def test_targets_met_and_what_a_miss_would_take(compare):
     assert rows[nhwc["case"], "1.6x 2t/1t"] == ["1.10", "no", "the machine's copy: 1.20x"]
 
 
+def test_a_miss_shows_what_the_fused_pattern_alone_reaches(compare):
+    """Where the fused per-channel pass's access pattern was timed on its own (the fused
+    floor), a missed target says what that pattern reached, and whether the target is
+    beyond it."""
+    bw, bw1 = {"copy": 30.0, "read": 35.0}, {"copy": 25.0, "read": 30.0}
+    row = _row("backward", "nchw", fastbn=3e-3, torch=4.5e-3, numpy=25e-3, one_thread=4.5e-3)
+    row["median_s"]["fused floor"] = 2.8e-3
+    rows = {(c, t): rest for c, t, *rest in compare.target_rows([row], bw, bw1)}
+    # 1.8x torch's 4.5 ms is 2.5 ms; the pattern alone took 2.8 ms: 1.61x, beyond it
+    reached, met, need = rows[row["case"], "1.8x torch"]
+    assert (reached, met) == ("1.50", "no")
+    assert need.endswith("; the fused pattern alone: 1.61x (beyond it)")
+    # 3 * 25.69 MB in 2.8 ms = 27.5 GB/s = 92% of the 30 GB/s copy: 70% is within it
+    assert rows[row["case"], "70% of bw"] == ["86%", "yes", ""]  # met: nothing more
+    row["median_s"]["fastbn"] = 4e-3
+    rows = {(c, t): rest for c, t, *rest in compare.target_rows([row], bw, bw1)}
+    assert rows[row["case"], "70% of bw"] == ["64%", "no", "the fused pattern alone: 92%"]
+    # 10x NumPy's 25 ms is 2.5 ms: 31 GB/s = 103% of the copy; the pattern alone 8.93x
+    assert rows[row["case"], "10x numpy"] == [
+        "6.25", "no", "31 GB/s = 103% of bw; the fused pattern alone: 8.93x (beyond it)"]
+
+
+def test_fused_floor_only_where_the_core_runs_the_fused_pass(compare):
+    Case = compare.Case
+    assert Case("backward", (32, 64, 56, 56)).fused_rows() == (32, 64)
+    assert Case("train", (8, 256, 28, 28), "float64").fused_rows() == (8, 256)
+    assert Case("train", (32, 64, 56, 56), "float16").fused_rows() == (32, 64)
+    assert Case("infer", (32, 64, 56, 56)).fused_rows() is None  # no reduction
+    assert Case("backward", (32, 64, 56, 56), layout="nhwc").fused_rows() is None
+    assert Case("backward", (128, 512, 7, 7)).fused_rows() is None  # short rows: blocks
+    assert Case("train", (256, 2048)).fused_rows() is None  # channels-last columns
+
+
 def test_reprints_a_saved_run(tmp_path, compare):
     saved = {"meta": {"bandwidth_gbs": {"copy": 30.0, "read": 35.0},
                       "bandwidth_1thread_gbs": {"copy": 25.0, "read": 30.0}, "threads": 2},
@@ -109,3 +142,43 @@ def test_floor_pass_rejects_arrays_it_cannot_walk():
         floor_pass(a, np.zeros(32, np.float32), np.zeros(64, np.float32), 2, False)
     with pytest.raises(TypeError, match="'a'"):
         floor_pass(None, None, a, 2, False)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 1000])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("outer,C,row_bytes", [(1, 1, 1), (3, 5, 4099), (2, 7, 3 * 4096 + 5), (4, 2, 64)])
+def test_floor_fused_moves_every_byte(outer, C, row_bytes, stream, n_threads):
+    """The fused pattern's floor writes a ^ b (or a copy of a) everywhere and reads every
+    byte of both inputs, however the channels split over the team (more threads than
+    channels included), from unaligned starts; its inputs are not modified."""
+    from fastbn._bn_cpu import floor_fused
+    n = outer * C * row_bytes
+    rng = np.random.default_rng(n)
+    a = rng.integers(0, 256, n + 1, dtype=np.uint8)[1:]
+    b = rng.integers(0, 256, n, dtype=np.uint8)
+    a0, b0 = a.copy(), b.copy()
+    out = np.zeros(n + 5, np.uint8)[5:]
+    word = int(floor_fused(a, b, out, outer, C, n_threads, stream)).to_bytes(8, "little")
+    np.testing.assert_array_equal(out, a ^ b)
+    assert np.bitwise_xor.reduce(np.frombuffer(word, np.uint8)) == np.bitwise_xor.reduce(a ^ b)
+    out[:] = 0
+    word = int(floor_fused(a, None, out, outer, C, n_threads, stream)).to_bytes(8, "little")
+    np.testing.assert_array_equal(out, a)
+    assert np.bitwise_xor.reduce(np.frombuffer(word, np.uint8)) == np.bitwise_xor.reduce(a)
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, b0)
+
+
+def test_floor_fused_rejects_what_it_cannot_walk():
+    from fastbn._bn_cpu import floor_fused
+    a = np.zeros(60, np.uint8)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        floor_fused(a, None, np.zeros(120, np.uint8)[::2], 2, 3, 2, True)
+    with pytest.raises(ValueError, match="byte size"):
+        floor_fused(a, np.zeros(30, np.uint8), np.zeros(60, np.uint8), 2, 3, 2, True)
+    with pytest.raises(ValueError, match="outer=7 and C=3"):
+        floor_fused(a, None, np.zeros(60, np.uint8), 7, 3, 2, True)
+    with pytest.raises(ValueError, match="outer=0"):
+        floor_fused(a, None, np.zeros(60, np.uint8), 0, 3, 2, True)
+    with pytest.raises(TypeError, match="'out'"):
+        floor_fused(a, None, None, 2, 3, 2, True)
