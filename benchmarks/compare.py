@@ -40,7 +40,7 @@ import tracemalloc
 import numpy as np
 
 import fastbn as fbn
-from fastbn._bn_cpu import floor_fused, floor_pass
+from fastbn._bn_cpu import SHORT_ROW_MAX, channel_block, floor_fused, floor_pass, stream_output
 
 try:
     import torch
@@ -108,15 +108,24 @@ class Case:
             return {"train": 3, "backward": 5}[self.op]
         return self.passes
 
-    def fused_rows(self):
-        """(outer, C) where the CPU core runs this case as its fused per-channel pass over
-        long rows (NC layout, rows of 4 KB or more: a channel's reduction read from memory,
-        then its output written while the channel is in cache), else None."""
+    def fused_rows(self, n_threads):
+        """(outer, C, block, stream) where the CPU core runs this case as fused per-channel
+        passes (NC layout, training forward or backward: a channel's reduction read from
+        memory, then its output written while the channel is in cache; rows under 4 KB in
+        blocks of `block` adjacent channels, written a run of the block at a time), else
+        None (channels-last, inference, moments, rows short enough to be walked as
+        columns). stream: whether the output is streamed."""
         if self.layout != "nchw" or self.op not in ("train", "backward") or len(self.shape) < 3:
             return None
-        if int(np.prod(self.shape[2:])) * self.dtype.itemsize < 4096:
+        outer, C = self.shape[:2]
+        inner, size = int(np.prod(self.shape[2:])), self.dtype.itemsize
+        if inner <= SHORT_ROW_MAX:
             return None
-        return self.shape[0], self.shape[1]
+        stream = stream_output(np.empty((outer, C, inner), self.dtype))
+        if inner * size >= 4096:
+            return outer, C, 1, stream
+        block = channel_block(outer, C, inner, size, 2 if self.op == "backward" else 1, n_threads)
+        return (outer, C, block, True) if block and stream else None
 
 
 def default_cases(quick):
@@ -249,12 +258,14 @@ def build(case, rng):
         # the fused per-channel passes' order of the same bytes (floor_fused): what that
         # access pattern alone takes. It runs after the 1-thread call, whose outputs are
         # streamed (no dirty lines to write back), so it is measured at its fastest.
-        fused = case.fused_rows()
+        fused = case.fused_rows(nt)
         if fused:
+            f_outer, f_channels, f_block, f_stream = fused
+
             def fused_floor(i):
                 out = np.empty_like(xs[i])
                 floor_fused(dys[i] if dys is not None else xs[i], xs[i] if dys is not None else None,
-                            out, fused[0], fused[1], nt, True)
+                            out, f_outer, f_channels, f_block, nt, f_stream)
                 return out
 
             peers["fused floor"] = fused_floor

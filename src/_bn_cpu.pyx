@@ -133,8 +133,8 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     void floor_write(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0,
                      idx b1, bint stream)
     uint64_t floor_fused_channels(const unsigned char* a, const unsigned char* b,
-                                  unsigned char* out, idx outer, idx C, idx row_bytes, idx c0,
-                                  idx c1, bint stream)
+                                  unsigned char* out, idx outer, idx C, idx inner_bytes,
+                                  idx block, idx u0, idx u1, bint stream)
     const idx MAX_BLOCK_CHANNELS
 
     double chunk_moments_nlc[T](const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean,
@@ -327,13 +327,14 @@ def floor_pass(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out, int n_thr
 
 
 def floor_fused(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out not None, idx outer,
-                idx C, int n_threads, bint stream):
-    """benchmarks/compare.py's floor for the fused per-channel passes (long NC rows): the
-    same bytes in the same order, next to no arithmetic. a, b (None, or a's byte size) and
-    out, C-contiguous, walked as (outer, C, row) bytes: per channel its rows of a and b are
+                idx C, idx block, int n_threads, bint stream):
+    """benchmarks/compare.py's floor for the fused per-channel passes: the same bytes in
+    the same order, next to no arithmetic. a, b (None, or a's byte size) and out,
+    C-contiguous, walked as (outer, C, inner) bytes in blocks of `block` adjacent channels
+    (1: single channels; short rows: channel_block's): per block its rows of a and b are
     read, then out = a ^ b (or a copy of a) is written from the last row back while the
-    next channel is asked for; channels split over the team as the passes split them; at
-    most _FLOOR_MAX_THREADS threads. Returns the xor of the reads."""
+    next block is asked for; blocks split over the team as the passes split them; at most
+    _FLOOR_MAX_THREADS threads. Returns the xor of the reads."""
     cdef const unsigned char* pa = <const unsigned char*> cnp.PyArray_DATA(a)
     cdef const unsigned char* pb = NULL
     cdef unsigned char* po = <unsigned char*> cnp.PyArray_DATA(out)
@@ -344,20 +345,23 @@ def floor_fused(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out not None,
     if outer < 1 or C < 1 or n % (outer * C):
         raise ValueError(f"floor_fused: outer={outer} and C={C} must be positive and divide "
                          f"the {n} bytes into rows")
-    cdef idx row_bytes = n // (outer * C)
+    if block < 1:
+        raise ValueError(f"floor_fused: block must be at least 1 channel, got {block}")
+    cdef idx inner_bytes = n // (outer * C)
+    cdef idx units = (C + block - 1) // block
     n_threads = max(1, min(n_threads, _FLOOR_MAX_THREADS))
     if b is not None:
         pb = <const unsigned char*> cnp.PyArray_DATA(b)
     with nogil:
         if n_threads == 1:
-            r = floor_fused_channels(pa, pb, po, outer, C, row_bytes, 0, C, stream)
+            r = floor_fused_channels(pa, pb, po, outer, C, inner_bytes, block, 0, units, stream)
         else:
             for t in range(n_threads):
                 each[t] = 0
             with parallel(num_threads=n_threads):
-                each[threadid()] = floor_fused_channels(pa, pb, po, outer, C, row_bytes,
-                                                        _team_start(C, 0), _team_start(C, 1),
-                                                        stream)
+                each[threadid()] = floor_fused_channels(pa, pb, po, outer, C, inner_bytes, block,
+                                                        _team_start(units, 0),
+                                                        _team_start(units, 1), stream)
             for t in range(n_threads):
                 r ^= each[t]
     return r

@@ -3087,20 +3087,10 @@ FASTBN_INLINE uint64_t floor_read_span(const unsigned char* a, idx b0, idx b1) {
     return r;
 }
 
-// floor_write's stores without the closing fence (one piece of a pass).
-FASTBN_INLINE void floor_write_span(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0,
-                                    idx b1, bool stream) {
+// Ordinary stores of out = a ^ b (b NULL: a copy of a) over bytes [b0, b1).
+FASTBN_INLINE void floor_store_plain(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0,
+                                     idx b1) {
     idx i = b0;
-#if FASTBN_HAVE_STREAM
-    if (stream) {
-        for (; i < b1 && ((uintptr_t)(out + i) & 15); ++i) out[i] = b ? a[i] ^ b[i] : a[i];
-        for (; i + 16 <= b1; i += 16) {
-            __m128i v = _mm_loadu_si128((const __m128i*)(a + i));
-            if (b) v = _mm_xor_si128(v, _mm_loadu_si128((const __m128i*)(b + i)));
-            _mm_stream_si128((__m128i*)(out + i), v);
-        }
-    }
-#endif
     if (b) {
         for (; i + 8 <= b1; i += 8) {
             uint64_t u, v;
@@ -3115,6 +3105,30 @@ FASTBN_INLINE void floor_write_span(const unsigned char* a, const unsigned char*
     }
 }
 
+// floor_write's stores without the closing fence (one piece of a pass). Streamed: whole
+// 64-byte lines only, the partial lines at either end with ordinary stores, as the
+// passes' streamed runs (stream_copy_run): a line streamed in parts is slow.
+FASTBN_INLINE void floor_write_span(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0,
+                                    idx b1, bool stream) {
+    idx i = b0;
+#if FASTBN_HAVE_STREAM
+    if (stream) {
+        const idx mis = (idx)((uintptr_t)(out + i) & 63);
+        const idx first = mis ? i + 64 - mis : i;
+        if (first + 64 <= b1) {
+            floor_store_plain(a, b, out, i, first);
+            for (i = first; i + 64 <= b1; i += 64)
+                for (int k = 0; k < 64; k += 16) {
+                    __m128i v = _mm_loadu_si128((const __m128i*)(a + i + k));
+                    if (b) v = _mm_xor_si128(v, _mm_loadu_si128((const __m128i*)(b + i + k)));
+                    _mm_stream_si128((__m128i*)(out + i + k), v);
+                }
+        }
+    }
+#endif
+    floor_store_plain(a, b, out, i, b1);
+}
+
 FASTBN_CLONES uint64_t floor_read(const unsigned char* a, idx b0, idx b1) { return floor_read_span(a, b0, b1); }
 
 FASTBN_CLONES void floor_write(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0, idx b1,
@@ -3123,35 +3137,40 @@ FASTBN_CLONES void floor_write(const unsigned char* a, const unsigned char* b, u
     if (stream) stream_fence();
 }
 
-// The access pattern of the fused per-channel passes on long rows (train_forward_channel_nc,
-// backward_channel_nc; rows of 4 KB and more) with next to no arithmetic: channels [c0, c1)
-// of (outer, C, row_bytes) byte arrays, each read (a, and b unless NULL) a piece at a time
-// asking for the bytes STATS_PREFETCH_AHEAD past it, then written (out = a ^ b, or a copy)
-// from cache from the last row back, in for_each_row_piece's pieces, each asking for the
-// same piece of the next channel. What the bytes alone take in the order those passes
-// must move them (a channel's reduction before its writes). Returns the reads' xor.
+// The access pattern of the fused per-channel passes (train_forward_channel_nc,
+// backward_channel_nc; with short rows, the channel blocks of backward_channels_nc and
+// train_forward_channels_nc) with next to no arithmetic: blocks [u0, u1) of `block`
+// adjacent channels of (outer, C, inner_bytes) byte arrays (block 1: one channel). Each
+// block's rows of a (and b unless NULL) are read a piece at a time (runs of 4 KB and more
+// asking for the bytes STATS_PREFETCH_AHEAD past it), then out = a ^ b (or a copy) is
+// written from cache from the last row back, in for_each_row_piece's pieces, each asking
+// for the same piece of the next block: what the bytes alone take in the order those
+// passes must move them (a channel's reduction before its writes). Returns the reads' xor.
 FASTBN_CLONES uint64_t floor_fused_channels(const unsigned char* a, const unsigned char* b, unsigned char* out,
-                                            idx outer, idx C, idx row_bytes, idx c0, idx c1, bool stream) {
-    const idx so = C * row_bytes, piece = STREAM_PIECE * (idx)sizeof(float);
+                                            idx outer, idx C, idx inner_bytes, idx block, idx u0, idx u1,
+                                            bool stream) {
+    const idx so = C * inner_bytes, piece = STREAM_PIECE * (idx)sizeof(float);
     uint64_t r = 0;
-    for (idx c = c0; c < c1; ++c) {
-        const idx base = c * row_bytes;
+    for (idx u = u0; u < u1; ++u) {
+        const idx c0 = u * block, c1 = c0 + block < C ? c0 + block : C;
+        const idx base = c0 * inner_bytes, run = (c1 - c0) * inner_bytes;
+        const bool ask = run >= 4096;  // short runs: the previous block's writes asked for them
         for (idx row = 0; row < outer; ++row)
-            for (idx i = 0; i < row_bytes; i += piece) {
-                const idx end = row_bytes - i < piece ? row_bytes : i + piece;
+            for (idx i = 0; i < run; i += piece) {
+                const idx end = run - i < piece ? run : i + piece;
                 const idx off = base + row * so;
-                prefetch_past(a + off + i, end - i);
+                if (ask) prefetch_past(a + off + i, end - i);
                 r ^= floor_read_span(a + off, i, end);
                 if (b) {
-                    prefetch_past(b + off + i, end - i);
+                    if (ask) prefetch_past(b + off + i, end - i);
                     r ^= floor_read_span(b + off, i, end);
                 }
             }
-        const unsigned char* a_next = c + 1 < c1 ? a + base + row_bytes : nullptr;
-        const unsigned char* b_next = b && c + 1 < c1 ? b + base + row_bytes : nullptr;
+        const unsigned char* a_next = u + 1 < u1 ? a + base + run : nullptr;
+        const unsigned char* b_next = b && u + 1 < u1 ? b + base + run : nullptr;
         for (idx row = outer - 1; row >= 0; --row) {
             const idx off = base + row * so;
-            for_each_row_piece(out + off, 0, row_bytes, a_next != nullptr, [&](idx p0, idx p1) FASTBN_LAMBDA_INLINE {
+            for_each_row_piece(out + off, 0, run, a_next != nullptr, [&](idx p0, idx p1) FASTBN_LAMBDA_INLINE {
                 prefetch_next_channel_row(a_next, so, row, p0, p1);
                 prefetch_next_channel_row(b_next, so, row, p0, p1);
                 floor_write_span(a + off, b ? b + off : nullptr, out + off, p0, p1, stream);

@@ -72,14 +72,19 @@ def test_a_miss_shows_what_the_fused_pattern_alone_reaches(compare):
 
 
 def test_fused_floor_only_where_the_core_runs_the_fused_pass(compare):
+    from fastbn._bn_cpu import channel_block
     Case = compare.Case
-    assert Case("backward", (32, 64, 56, 56)).fused_rows() == (32, 64)
-    assert Case("train", (8, 256, 28, 28), "float64").fused_rows() == (8, 256)
-    assert Case("train", (32, 64, 56, 56), "float16").fused_rows() == (32, 64)
-    assert Case("infer", (32, 64, 56, 56)).fused_rows() is None  # no reduction
-    assert Case("backward", (32, 64, 56, 56), layout="nhwc").fused_rows() is None
-    assert Case("backward", (128, 512, 7, 7)).fused_rows() is None  # short rows: blocks
-    assert Case("train", (256, 2048)).fused_rows() is None  # channels-last columns
+    assert Case("backward", (32, 64, 56, 56)).fused_rows(2) == (32, 64, 1, True)
+    assert Case("train", (8, 256, 28, 28), "float64").fused_rows(2) == (8, 256, 1, True)
+    assert Case("train", (32, 64, 56, 56), "float16").fused_rows(2) == (32, 64, 1, True)
+    assert Case("train", (4, 8, 32, 32)).fused_rows(2) == (4, 8, 1, False)  # not streamed
+    # 7x7 maps: blocks of adjacent channels, as the core walks them
+    nb = channel_block(128, 512, 49, 4, 2, 2)
+    assert nb > 1 and Case("backward", (128, 512, 7, 7)).fused_rows(2) == (128, 512, nb, True)
+    assert Case("infer", (32, 64, 56, 56)).fused_rows(2) is None  # no reduction
+    assert Case("backward", (32, 64, 56, 56), layout="nhwc").fused_rows(2) is None
+    assert Case("train", (2048, 256, 4)).fused_rows(2) is None  # rows walked as columns
+    assert Case("train", (256, 2048)).fused_rows(2) is None  # channels-last columns
 
 
 def test_reprints_a_saved_run(tmp_path, compare):
@@ -146,11 +151,14 @@ def test_floor_pass_rejects_arrays_it_cannot_walk():
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 1000])
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("outer,C,row_bytes", [(1, 1, 1), (3, 5, 4099), (2, 7, 3 * 4096 + 5), (4, 2, 64)])
-def test_floor_fused_moves_every_byte(outer, C, row_bytes, stream, n_threads):
+@pytest.mark.parametrize("outer,C,row_bytes,block", [(1, 1, 1, 1), (3, 5, 4099, 1), (2, 7, 3 * 4096 + 5, 1),
+                                                     (4, 2, 64, 1), (3, 11, 197, 4), (2, 5, 49, 5),
+                                                     (2, 3, 10, 7)])
+def test_floor_fused_moves_every_byte(outer, C, row_bytes, block, stream, n_threads):
     """The fused pattern's floor writes a ^ b (or a copy of a) everywhere and reads every
-    byte of both inputs, however the channels split over the team (more threads than
-    channels included), from unaligned starts; its inputs are not modified."""
+    byte of both inputs, in single channels or blocks of them (a short last block, one
+    block wider than C), however they split over the team (more threads than blocks
+    included), from unaligned starts; its inputs are not modified."""
     from fastbn._bn_cpu import floor_fused
     n = outer * C * row_bytes
     rng = np.random.default_rng(n)
@@ -158,11 +166,11 @@ def test_floor_fused_moves_every_byte(outer, C, row_bytes, stream, n_threads):
     b = rng.integers(0, 256, n, dtype=np.uint8)
     a0, b0 = a.copy(), b.copy()
     out = np.zeros(n + 5, np.uint8)[5:]
-    word = int(floor_fused(a, b, out, outer, C, n_threads, stream)).to_bytes(8, "little")
+    word = int(floor_fused(a, b, out, outer, C, block, n_threads, stream)).to_bytes(8, "little")
     np.testing.assert_array_equal(out, a ^ b)
     assert np.bitwise_xor.reduce(np.frombuffer(word, np.uint8)) == np.bitwise_xor.reduce(a ^ b)
     out[:] = 0
-    word = int(floor_fused(a, None, out, outer, C, n_threads, stream)).to_bytes(8, "little")
+    word = int(floor_fused(a, None, out, outer, C, block, n_threads, stream)).to_bytes(8, "little")
     np.testing.assert_array_equal(out, a)
     assert np.bitwise_xor.reduce(np.frombuffer(word, np.uint8)) == np.bitwise_xor.reduce(a)
     np.testing.assert_array_equal(a, a0)
@@ -173,12 +181,14 @@ def test_floor_fused_rejects_what_it_cannot_walk():
     from fastbn._bn_cpu import floor_fused
     a = np.zeros(60, np.uint8)
     with pytest.raises(ValueError, match="C-contiguous"):
-        floor_fused(a, None, np.zeros(120, np.uint8)[::2], 2, 3, 2, True)
+        floor_fused(a, None, np.zeros(120, np.uint8)[::2], 2, 3, 1, 2, True)
     with pytest.raises(ValueError, match="byte size"):
-        floor_fused(a, np.zeros(30, np.uint8), np.zeros(60, np.uint8), 2, 3, 2, True)
+        floor_fused(a, np.zeros(30, np.uint8), np.zeros(60, np.uint8), 2, 3, 1, 2, True)
     with pytest.raises(ValueError, match="outer=7 and C=3"):
-        floor_fused(a, None, np.zeros(60, np.uint8), 7, 3, 2, True)
+        floor_fused(a, None, np.zeros(60, np.uint8), 7, 3, 1, 2, True)
     with pytest.raises(ValueError, match="outer=0"):
-        floor_fused(a, None, np.zeros(60, np.uint8), 0, 3, 2, True)
+        floor_fused(a, None, np.zeros(60, np.uint8), 0, 3, 1, 2, True)
+    with pytest.raises(ValueError, match="block must be at least 1 channel, got 0"):
+        floor_fused(a, None, np.zeros(60, np.uint8), 2, 3, 0, 2, True)
     with pytest.raises(TypeError, match="'out'"):
-        floor_fused(a, None, None, 2, 3, 2, True)
+        floor_fused(a, None, None, 2, 3, 1, 2, True)
