@@ -13,7 +13,8 @@ channel's reduction read from memory, then its output written from cache), a fur
 moves the same bytes in that order with next to no arithmetic (floor_fused, "fused
 floor"): the targets table says what that access pattern alone reaches.
 
-Per case it prints: ms per call for each peer, GB/s of ideal traffic (the bytes the
+Per case it prints: ms per call for each peer (and for the fused floor, where there is
+one), GB/s of ideal traffic (the bytes the
 op must move: training forward and inference read x and write y, backward reads dy and
 x and writes dx, moments reads x), that as % of the measured copy (or read) bandwidth,
 speed-ups of fastbn over PyTorch and NumPy, fastbn's 2-thread over 1-thread speed-up, and
@@ -321,8 +322,8 @@ def run_case(case, repeats, rng):
             "median_s": med, "extra_bytes": peak_extra_bytes(peers["fastbn"])}
 
 
-COLUMNS = ("case", "fastbn ms", "torch ms", "numpy ms", "GB/s", "bw GB/s", "% bw", "vs torch",
-           "vs numpy", "2t/1t", "extra MB")
+COLUMNS = ("case", "fastbn ms", "torch ms", "numpy ms", "fused ms", "GB/s", "bw GB/s", "% bw",
+           "vs torch", "vs numpy", "2t/1t", "extra MB")
 
 
 def case_bandwidth(r, bw):
@@ -341,9 +342,10 @@ def table_rows(rows, bw):
         f = med["fastbn"]
         gbs = r["ideal_bytes"] / f / 1e9
         ref = case_bandwidth(r, bw)
-        t = med.get("torch")
+        t, fused = med.get("torch"), med.get("fused floor")
         out.append((r["case"], f"{f * 1e3:.3f}", f"{t * 1e3:.3f}" if t else "-",
-                    f"{med['numpy'] * 1e3:.3f}", f"{gbs:.1f}", f"{r['bw_gbs']:.1f}" if "bw_gbs" in r else "-",
+                    f"{med['numpy'] * 1e3:.3f}", f"{fused * 1e3:.3f}" if fused else "-",
+                    f"{gbs:.1f}", f"{r['bw_gbs']:.1f}" if "bw_gbs" in r else "-",
                     f"{100 * gbs / ref:.0f}",
                     f"{t / f:.2f}" if t else "-", f"{med['numpy'] / f:.1f}",
                     f"{med['fastbn 1 thread'] / f:.2f}", f"{r['extra_bytes'] / 1e6:.2f}"))
@@ -484,7 +486,8 @@ def report_summary(paths, markdown=False):
 def report(rows, bw, threads, markdown=False):
     print_table(COLUMNS, table_rows(rows, bw), [44] + [9] * (len(COLUMNS) - 1), markdown,
                 numbers=True)
-    print(f"(ms per call, medians; {threads} threads; bw GB/s: a {threads}-thread pass with the "
+    print(f"(ms per call, medians; {threads} threads; fused ms: the fused per-channel pass's "
+          f"access pattern alone (floor_fused); bw GB/s: a {threads}-thread pass with the "
           f"case's ideal traffic on its buffers, next to no arithmetic, interleaved with it; % bw "
           f"against the higher of that and the machine-wide copy {bw['copy']:.1f} GB/s (read "
           f"{bw['read']:.1f} GB/s))")
