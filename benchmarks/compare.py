@@ -257,19 +257,21 @@ def build(case, rng):
             return out
 
         # the fused per-channel passes' order of the same bytes (floor_fused): what that
-        # access pattern alone takes. It runs after the 1-thread call, whose outputs are
-        # streamed (no dirty lines to write back), so it is measured at its fastest.
+        # access pattern alone takes, its reads asking for the bytes ahead of them or not
+        # (the faster counts). It runs after the 1-thread call, whose outputs are streamed
+        # (no dirty lines to write back), so it is measured at its fastest.
         fused = case.fused_rows(nt)
         if fused:
             f_outer, f_channels, f_block, f_stream = fused
 
-            def fused_floor(i):
+            def fused_floor(i, ask_ahead):
                 out = np.empty_like(xs[i])
                 floor_fused(dys[i] if dys is not None else xs[i], xs[i] if dys is not None else None,
-                            out, f_outer, f_channels, f_block, nt, f_stream)
+                            out, f_outer, f_channels, f_block, ask_ahead, nt, f_stream)
                 return out
 
-            peers["fused floor"] = fused_floor
+            peers["fused floor"] = lambda i: fused_floor(i, True)
+            peers["fused floor plain"] = lambda i: fused_floor(i, False)
         peers["floor"] = lambda i: floor(i, True)
         peers["floor cached"] = lambda i: floor(i, False)
     return peers, k, nbytes, (xs, dys)
@@ -314,6 +316,8 @@ def run_case(case, repeats, rng):
             i += 1
     med = {name: float(np.median(v)) for name, v in times.items()}
     floor = min(med.pop(name) for name in ("floor", "floor cached") if name in med)
+    if "fused floor" in med:
+        med["fused floor"] = min(med["fused floor"], med.pop("fused floor plain"))
     return {"bw_gbs": case.passes * nbytes / floor / 1e9,
             "case": case.label, "op": case.op, "shape": list(case.shape),
             "dtype": case.dtype.name, "layout": case.layout, "buffers": k, "repeats": repeats,
@@ -415,7 +419,9 @@ def target_rows(rows, bw, bw1=None):
     move its bytes faster than this machine copied (read) memory at any point of the run.
     Where the case has a fused floor (Case.fused_rows), it also shows what that access
     pattern alone reaches: a target beyond it is beyond any pass that reduces a channel
-    from memory before writing its output from cache, as the fused passes must.
+    from memory before writing its output from cache, as the fused passes must -- where
+    the floor was at least as fast as fastbn in that run; a floor slower than fastbn
+    (its place in the loop, the machine's drift) bounds nothing and says so.
     For 2 threads over 1 the bound is how much the machine's own 256 MB copy (read) gained
     from the second thread: a memory-bound operation cannot gain more."""
     out = []
@@ -445,7 +451,10 @@ def target_rows(rows, bw, bw1=None):
                 alone = 100 * r["ideal_bytes"] / fused / 1e9 / ref if peer is None else med[peer] / fused
                 fused_need = (f"the fused pattern alone: {alone:.0f}%" if peer is None
                               else f"the fused pattern alone: {alone:.2f}x")
-                fused_need += " (beyond it)" if alone < target else ""
+                if fused > f:  # a floor slower than fastbn itself bounds nothing
+                    fused_need += " (slower than fastbn: no bound)"
+                elif alone < target:
+                    fused_need += " (beyond it)"
                 need = f"{need}; {fused_need}" if need else fused_need
             out.append((r["case"], name, f"{value:.2f}" if peer else f"{value:.0f}%",
                         "yes" if value >= target else "no", need))

@@ -134,7 +134,7 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
                      idx b1, bint stream)
     uint64_t floor_fused_channels(const unsigned char* a, const unsigned char* b,
                                   unsigned char* out, idx outer, idx C, idx inner_bytes,
-                                  idx block, idx u0, idx u1, bint stream)
+                                  idx block, idx u0, idx u1, bint ask_ahead, bint stream)
     const idx MAX_BLOCK_CHANNELS
 
     double chunk_moments_nlc[T](const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean,
@@ -327,12 +327,13 @@ def floor_pass(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out, int n_thr
 
 
 def floor_fused(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out not None, idx outer,
-                idx C, idx block, int n_threads, bint stream):
+                idx C, idx block, bint ask_ahead, int n_threads, bint stream):
     """benchmarks/compare.py's floor for the fused per-channel passes: the same bytes in
     the same order, next to no arithmetic. a, b (None, or a's byte size) and out,
     C-contiguous, walked as (outer, C, inner) bytes in blocks of `block` adjacent channels
     (1: single channels; short rows: channel_block's): per block its rows of a and b are
-    read, then out = a ^ b (or a copy of a) is written from the last row back while the
+    read (ask_ahead: asking for the bytes ahead as the statistics do on long rows), then
+    out = a ^ b (or a copy of a) is written from the last row back while the
     next block is asked for; blocks split over the team as the passes split them; at most
     _FLOOR_MAX_THREADS threads. Returns the xor of the reads."""
     cdef const unsigned char* pa = <const unsigned char*> cnp.PyArray_DATA(a)
@@ -354,14 +355,16 @@ def floor_fused(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out not None,
         pb = <const unsigned char*> cnp.PyArray_DATA(b)
     with nogil:
         if n_threads == 1:
-            r = floor_fused_channels(pa, pb, po, outer, C, inner_bytes, block, 0, units, stream)
+            r = floor_fused_channels(pa, pb, po, outer, C, inner_bytes, block, 0, units,
+                                     ask_ahead, stream)
         else:
             for t in range(n_threads):
                 each[t] = 0
             with parallel(num_threads=n_threads):
                 each[threadid()] = floor_fused_channels(pa, pb, po, outer, C, inner_bytes, block,
                                                         _team_start(units, 0),
-                                                        _team_start(units, 1), stream)
+                                                        _team_start(units, 1), ask_ahead,
+                                                        stream)
             for t in range(n_threads):
                 r ^= each[t]
     return r

@@ -3141,28 +3141,28 @@ FASTBN_CLONES void floor_write(const unsigned char* a, const unsigned char* b, u
 // backward_channel_nc; with short rows, the channel blocks of backward_channels_nc and
 // train_forward_channels_nc) with next to no arithmetic: blocks [u0, u1) of `block`
 // adjacent channels of (outer, C, inner_bytes) byte arrays (block 1: one channel). Each
-// block's rows of a (and b unless NULL) are read a piece at a time (runs of 4 KB and more
-// asking for the bytes STATS_PREFETCH_AHEAD past it), then out = a ^ b (or a copy) is
-// written from cache from the last row back, in for_each_row_piece's pieces, each asking
-// for the same piece of the next block: what the bytes alone take in the order those
-// passes must move them (a channel's reduction before its writes). Returns the reads' xor.
+// block's rows of a (and b unless NULL) are read a piece at a time (ask_ahead: asking
+// for the bytes STATS_PREFETCH_AHEAD past it, as the statistics do on long rows), then
+// out = a ^ b (or a copy) is written from cache from the last row back, in
+// for_each_row_piece's pieces, each asking for the same piece of the next block: what the
+// bytes alone take in the order those passes must move them (a channel's reduction before
+// its writes). Returns the reads' xor.
 FASTBN_CLONES uint64_t floor_fused_channels(const unsigned char* a, const unsigned char* b, unsigned char* out,
                                             idx outer, idx C, idx inner_bytes, idx block, idx u0, idx u1,
-                                            bool stream) {
+                                            bool ask_ahead, bool stream) {
     const idx so = C * inner_bytes, piece = STREAM_PIECE * (idx)sizeof(float);
     uint64_t r = 0;
     for (idx u = u0; u < u1; ++u) {
         const idx c0 = u * block, c1 = c0 + block < C ? c0 + block : C;
         const idx base = c0 * inner_bytes, run = (c1 - c0) * inner_bytes;
-        const bool ask = run >= 4096;  // short runs: the previous block's writes asked for them
         for (idx row = 0; row < outer; ++row)
             for (idx i = 0; i < run; i += piece) {
                 const idx end = run - i < piece ? run : i + piece;
                 const idx off = base + row * so;
-                if (ask) prefetch_past(a + off + i, end - i);
+                if (ask_ahead) prefetch_past(a + off + i, end - i);
                 r ^= floor_read_span(a + off, i, end);
                 if (b) {
-                    if (ask) prefetch_past(b + off + i, end - i);
+                    if (ask_ahead) prefetch_past(b + off + i, end - i);
                     r ^= floor_read_span(b + off, i, end);
                 }
             }
