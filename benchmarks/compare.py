@@ -8,10 +8,12 @@ bandwidth is measured here too: before and after the cases, a 2-thread copy with
 streaming stores (read + write bytes) and a 2-thread read over 256 MB; within each case,
 a pass with the case's own traffic on its own buffers, interleaved with the peers
 (measure_bandwidth, fastbn's floor_pass: next to no arithmetic). Percentages are against
-the highest of these. For the NC cases the core runs as fused per-channel passes (a
-channel's reduction read from memory, then its output written from cache), a further peer
-moves the same bytes in that order with next to no arithmetic (floor_fused, "fused
-floor"): the targets table says what that access pattern alone reaches.
+the highest of these. For the training forward and backward cases a further peer moves
+the same bytes in the core's order with next to no arithmetic ("fused floor"): per channel
+where the core runs fused per-channel passes (a channel's reduction read from memory,
+then its output written from cache; floor_fused), in two passes over row chunks where it
+runs channels-last passes (every row's reduction, then the outputs from the rows again;
+floor_two_pass). The targets table says what that access pattern alone reaches.
 
 Per case it prints: ms per call for each peer (and for the fused floor, where there is
 one), GB/s of ideal traffic (the bytes the
@@ -41,7 +43,8 @@ import tracemalloc
 import numpy as np
 
 import fastbn as fbn
-from fastbn._bn_cpu import SHORT_ROW_MAX, channel_block, floor_fused, floor_pass, stream_output
+from fastbn._bn_cpu import (SHORT_ROW_MAX, channel_block, floor_fused, floor_pass, floor_two_pass,
+                            nlc_chunk_rows, stream_output)
 
 try:
     import torch
@@ -127,6 +130,26 @@ class Case:
             return outer, C, 1, stream
         block = channel_block(outer, C, inner, size, 2 if self.op == "backward" else 1, n_threads)
         return (outer, C, block, True) if block and stream else None
+
+
+    def two_pass_pieces(self):
+        """(piece_bytes, stream) where the CPU core runs this case's training forward or
+        backward as two channels-last passes over row chunks (the statistics or sums of
+        every row, then the outputs from the same rows again; channels-last layouts, 2-D
+        arrays, NC rows short enough to be walked as columns), else None. piece_bytes:
+        one chunk of rows (nlc_chunk_rows); stream: whether the output is streamed."""
+        if self.op not in ("train", "backward"):
+            return None
+        C, size = self.shape[1], self.dtype.itemsize
+        inner = int(np.prod(self.shape[2:]))
+        if self.layout == "nhwc":
+            rows, columns, shape3 = self.shape[0] * inner, C, (self.shape[0] * inner, C, 1)
+        elif inner == 1 or inner <= SHORT_ROW_MAX:
+            rows, columns, shape3 = self.shape[0], C * inner, (self.shape[0], C, inner)
+        else:
+            return None
+        stream = stream_output(np.empty(shape3, self.dtype))
+        return nlc_chunk_rows(rows, columns) * columns * size, stream
 
 
 def default_cases(quick):
@@ -272,6 +295,18 @@ def build(case, rng):
 
             peers["fused floor"] = lambda i: fused_floor(i, True)
             peers["fused floor plain"] = lambda i: fused_floor(i, False)
+        # the channels-last passes' order (floor_two_pass), counted as their fused floor
+        two_pass = case.two_pass_pieces()
+        if two_pass:
+            piece_bytes, t_stream = two_pass
+
+            def two_pass_floor(i):
+                out = np.empty_like(xs[i])
+                floor_two_pass(dys[i] if dys is not None else xs[i], xs[i] if dys is not None else None,
+                               out, piece_bytes, True, nt, t_stream)
+                return out
+
+            peers["fused floor"] = two_pass_floor
         peers["floor"] = lambda i: floor(i, True)
         peers["floor cached"] = lambda i: floor(i, False)
     return peers, k, nbytes, (xs, dys)
@@ -316,7 +351,7 @@ def run_case(case, repeats, rng):
             i += 1
     med = {name: float(np.median(v)) for name, v in times.items()}
     floor = min(med.pop(name) for name in ("floor", "floor cached") if name in med)
-    if "fused floor" in med:
+    if "fused floor plain" in med:
         med["fused floor"] = min(med["fused floor"], med.pop("fused floor plain"))
     return {"bw_gbs": case.passes * nbytes / floor / 1e9,
             "case": case.label, "op": case.op, "shape": list(case.shape),
@@ -417,10 +452,10 @@ def target_rows(rows, bw, bw1=None):
     traffic; channels-last training and backward: Case.unavoidable_passes) at `need` GB/s, shown
     as % of the case's bandwidth (case_bandwidth). Above 100 %, the target asks fastbn to
     move its bytes faster than this machine copied (read) memory at any point of the run.
-    Where the case has a fused floor (Case.fused_rows), it also shows what that access
-    pattern alone reaches: a target beyond it is beyond any pass that reduces a channel
-    from memory before writing its output from cache, as the fused passes must -- where
-    the floor was at least as fast as fastbn in that run; a floor slower than fastbn
+    Where the case has a fused floor (Case.fused_rows, Case.two_pass_pieces), it also
+    shows what that access pattern alone reaches: a target beyond it is beyond the core's
+    order of passes (a reduction finished before the outputs it feeds are written) --
+    where the floor was at least as fast as fastbn in that run; a floor slower than fastbn
     (its place in the loop, the machine's drift) bounds nothing and says so.
     For 2 threads over 1 the bound is how much the machine's own 256 MB copy (read) gained
     from the second thread: a memory-bound operation cannot gain more."""
@@ -449,8 +484,8 @@ def target_rows(rows, bw, bw1=None):
             fused = med.get("fused floor")
             if value < target and fused and peer in (None, "torch", "numpy"):
                 alone = 100 * r["ideal_bytes"] / fused / 1e9 / ref if peer is None else med[peer] / fused
-                fused_need = (f"the fused pattern alone: {alone:.0f}%" if peer is None
-                              else f"the fused pattern alone: {alone:.2f}x")
+                fused_need = (f"its access pattern alone: {alone:.0f}%" if peer is None
+                              else f"its access pattern alone: {alone:.2f}x")
                 if fused > f:  # a floor slower than fastbn itself bounds nothing
                     fused_need += " (slower than fastbn: no bound)"
                 elif alone < target:
@@ -495,8 +530,8 @@ def report_summary(paths, markdown=False):
 def report(rows, bw, threads, markdown=False):
     print_table(COLUMNS, table_rows(rows, bw), [44] + [9] * (len(COLUMNS) - 1), markdown,
                 numbers=True)
-    print(f"(ms per call, medians; {threads} threads; fused ms: the fused per-channel pass's "
-          f"access pattern alone (floor_fused); bw GB/s: a {threads}-thread pass with the "
+    print(f"(ms per call, medians; {threads} threads; fused ms: the core's access pattern "
+          f"alone (floor_fused, floor_two_pass); bw GB/s: a {threads}-thread pass with the "
           f"case's ideal traffic on its buffers, next to no arithmetic, interleaved with it; % bw "
           f"against the higher of that and the machine-wide copy {bw['copy']:.1f} GB/s (read "
           f"{bw['read']:.1f} GB/s))")

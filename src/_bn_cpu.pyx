@@ -135,6 +135,11 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     uint64_t floor_fused_channels(const unsigned char* a, const unsigned char* b,
                                   unsigned char* out, idx outer, idx C, idx inner_bytes,
                                   idx block, idx u0, idx u1, bint ask_ahead, bint stream)
+    uint64_t floor_pieces_read(const unsigned char* a, const unsigned char* b, idx n,
+                               idx piece, idx k0, idx k1)
+    void floor_pieces_write(const unsigned char* a, const unsigned char* b, unsigned char* out,
+                            idx n, idx piece, idx k0, idx k1, bint most_recent_first,
+                            bint stream)
     const idx MAX_BLOCK_CHANNELS
 
     double chunk_moments_nlc[T](const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean,
@@ -368,6 +373,52 @@ def floor_fused(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out not None,
             for t in range(n_threads):
                 r ^= each[t]
     return r
+
+
+def floor_two_pass(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out not None,
+                   idx piece_bytes, bint most_recent_first, int n_threads, bint stream):
+    """benchmarks/compare.py's floor for the channels-last passes: the same bytes in the
+    same order, next to no arithmetic. a, b (None, or a's byte size) and out, C-contiguous,
+    in pieces of piece_bytes (the passes' row chunks) split over the team as the passes
+    split their chunks: one parallel pass reads every piece of a and b, a second writes
+    out = a ^ b (or a copy of a), each thread its own pieces, the last one first where
+    most_recent_first; at most _FLOOR_MAX_THREADS threads. Returns the xor of the reads."""
+    cdef const unsigned char* pa = <const unsigned char*> cnp.PyArray_DATA(a)
+    cdef const unsigned char* pb = NULL
+    cdef unsigned char* po = <unsigned char*> cnp.PyArray_DATA(out)
+    cdef idx n = _floor_bytes("floor_two_pass", a, b, out)
+    cdef uint64_t r = 0
+    cdef uint64_t each[_FLOOR_MAX_THREADS]
+    cdef int t
+    if piece_bytes < 1:
+        raise ValueError(f"floor_two_pass: piece_bytes must be at least 1, got {piece_bytes}")
+    cdef idx pieces = (n + piece_bytes - 1) // piece_bytes
+    n_threads = max(1, min(n_threads, _FLOOR_MAX_THREADS))
+    if b is not None:
+        pb = <const unsigned char*> cnp.PyArray_DATA(b)
+    with nogil:
+        if n_threads == 1:
+            r = floor_pieces_read(pa, pb, n, piece_bytes, 0, pieces)
+            floor_pieces_write(pa, pb, po, n, piece_bytes, 0, pieces, most_recent_first, stream)
+        else:
+            for t in range(n_threads):
+                each[t] = 0
+            with parallel(num_threads=n_threads):
+                each[threadid()] = floor_pieces_read(pa, pb, n, piece_bytes,
+                                                     _team_start(pieces, 0),
+                                                     _team_start(pieces, 1))
+            with parallel(num_threads=n_threads):
+                floor_pieces_write(pa, pb, po, n, piece_bytes, _team_start(pieces, 0),
+                                   _team_start(pieces, 1), most_recent_first, stream)
+            for t in range(n_threads):
+                r ^= each[t]
+    return r
+
+
+def nlc_chunk_rows(idx rows, idx channels):
+    """Rows per chunk of the channels-last passes over (rows, channels) (nlc_grid): the
+    pieces of benchmarks/compare.py's two-pass floor."""
+    return nlc_grid(rows, channels).chunk_rows
 
 
 # ------------------------------------------------------------------------ helpers

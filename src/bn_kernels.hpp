@@ -3181,4 +3181,31 @@ FASTBN_CLONES uint64_t floor_fused_channels(const unsigned char* a, const unsign
     return r;
 }
 
+// The access pattern of the channels-last passes (nlc statistics or backward sums over
+// every row, then the outputs from the same rows again; short NC rows walked as columns)
+// with next to no arithmetic, in pieces of `piece` bytes (the passes' row chunks): the
+// first pass reads pieces [k0, k1) of a (and b unless NULL) and returns their xor ...
+FASTBN_CLONES uint64_t floor_pieces_read(const unsigned char* a, const unsigned char* b, idx n, idx piece, idx k0,
+                                         idx k1) {
+    uint64_t r = 0;
+    for (idx k = k0; k < k1; ++k) {
+        const idx b0 = k * piece, b1 = b0 + piece < n ? b0 + piece : n;
+        r ^= floor_read_span(a, b0, b1);
+        if (b) r ^= floor_read_span(b, b0, b1);
+    }
+    return r;
+}
+
+// ... the second writes them (out = a ^ b, or a copy), the last piece first where
+// most_recent_first (as the training forward walks back over the rows it reduced).
+FASTBN_CLONES void floor_pieces_write(const unsigned char* a, const unsigned char* b, unsigned char* out, idx n,
+                                      idx piece, idx k0, idx k1, bool most_recent_first, bool stream) {
+    for (idx k = k0; k < k1; ++k) {
+        const idx kk = most_recent_first ? k1 - 1 - (k - k0) : k;
+        const idx b0 = kk * piece, b1 = b0 + piece < n ? b0 + piece : n;
+        floor_write_span(a, b, out, b0, b1, stream);
+    }
+    if (stream) stream_fence();
+}
+
 }  // namespace fastbn

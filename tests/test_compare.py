@@ -60,20 +60,20 @@ def test_a_miss_shows_what_the_fused_pattern_alone_reaches(compare):
     # 1.8x torch's 4.5 ms is 2.5 ms; the pattern alone took 2.8 ms: 1.61x, beyond it
     reached, met, need = rows[row["case"], "1.8x torch"]
     assert (reached, met) == ("1.50", "no")
-    assert need.endswith("; the fused pattern alone: 1.61x (beyond it)")
+    assert need.endswith("; its access pattern alone: 1.61x (beyond it)")
     # 3 * 25.69 MB in 2.8 ms = 27.5 GB/s = 92% of the 30 GB/s copy: 70% is within it
     assert rows[row["case"], "70% of bw"] == ["86%", "yes", ""]  # met: nothing more
     row["median_s"]["fastbn"] = 4e-3
     rows = {(c, t): rest for c, t, *rest in compare.target_rows([row], bw, bw1)}
-    assert rows[row["case"], "70% of bw"] == ["64%", "no", "the fused pattern alone: 92%"]
+    assert rows[row["case"], "70% of bw"] == ["64%", "no", "its access pattern alone: 92%"]
     # 10x NumPy's 25 ms is 2.5 ms: 31 GB/s = 103% of the copy; the pattern alone 8.93x
     assert rows[row["case"], "10x numpy"] == [
-        "6.25", "no", "31 GB/s = 103% of bw; the fused pattern alone: 8.93x (beyond it)"]
+        "6.25", "no", "31 GB/s = 103% of bw; its access pattern alone: 8.93x (beyond it)"]
     # a floor slower than fastbn bounds nothing
     row["median_s"]["fastbn"] = 2.7e-3
     rows = {(c, t): rest for c, t, *rest in compare.target_rows([row], bw, bw1)}
     assert rows[row["case"], "1.8x torch"][2].endswith(
-        "; the fused pattern alone: 1.61x (slower than fastbn: no bound)")
+        "; its access pattern alone: 1.61x (slower than fastbn: no bound)")
 
 
 def test_fused_floor_only_where_the_core_runs_the_fused_pass(compare):
@@ -90,6 +90,22 @@ def test_fused_floor_only_where_the_core_runs_the_fused_pass(compare):
     assert Case("backward", (32, 64, 56, 56), layout="nhwc").fused_rows(2) is None
     assert Case("train", (2048, 256, 4)).fused_rows(2) is None  # rows walked as columns
     assert Case("train", (256, 2048)).fused_rows(2) is None  # channels-last columns
+
+
+def test_two_pass_floor_where_the_core_runs_channels_last_passes(compare):
+    """Channels-last layouts, 2-D arrays and short rows walked as columns get the
+    two-pass floor, in pieces of the core's row chunks."""
+    from fastbn._bn_cpu import nlc_chunk_rows
+    Case = compare.Case
+    wide = Case("train", (256, 2048)).two_pass_pieces()
+    assert wide == (nlc_chunk_rows(256, 2048) * 2048 * 4, False)
+    big = Case("backward", (32, 64, 56, 56), layout="nhwc").two_pass_pieces()
+    assert big == (nlc_chunk_rows(32 * 56 * 56, 64) * 64 * 4, True)
+    cols = Case("train", (2048, 256, 4)).two_pass_pieces()
+    assert cols[0] == nlc_chunk_rows(2048, 1024) * 1024 * 4
+    assert Case("infer", (256, 2048)).two_pass_pieces() is None
+    assert Case("backward", (32, 64, 56, 56)).two_pass_pieces() is None  # per channel
+    assert Case("backward", (128, 512, 7, 7)).two_pass_pieces() is None  # channel blocks
 
 
 def test_reprints_a_saved_run(tmp_path, compare):
@@ -199,3 +215,42 @@ def test_floor_fused_rejects_what_it_cannot_walk():
         floor_fused(a, None, np.zeros(60, np.uint8), 2, 3, 0, True, 2, True)
     with pytest.raises(TypeError, match="'out'"):
         floor_fused(a, None, None, 2, 3, 1, True, 2, True)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 1000])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("most_recent_first", [False, True])
+@pytest.mark.parametrize("nbytes,piece", [(0, 64), (1, 1), (1000, 64), (4099, 1000), (70001, 4096),
+                                          (5000, 100000)])
+def test_floor_two_pass_moves_every_byte(nbytes, piece, most_recent_first, stream, n_threads):
+    """The channels-last floor reads every byte of both inputs and writes a ^ b (or a copy)
+    everywhere, in whole and partial pieces, however the pieces split over the team; its
+    inputs are not modified."""
+    from fastbn._bn_cpu import floor_two_pass
+    rng = np.random.default_rng(nbytes)
+    a = rng.integers(0, 256, nbytes + 3, dtype=np.uint8)[3:]
+    b = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    a0, b0 = a.copy(), b.copy()
+    out = np.zeros(nbytes + 1, np.uint8)[1:]
+    word = int(floor_two_pass(a, b, out, piece, most_recent_first, n_threads,
+                              stream)).to_bytes(8, "little")
+    np.testing.assert_array_equal(out, a ^ b)
+    assert np.bitwise_xor.reduce(np.frombuffer(word, np.uint8)) == np.bitwise_xor.reduce(a ^ b)
+    out[:] = 0
+    floor_two_pass(a, None, out, piece, most_recent_first, n_threads, stream)
+    np.testing.assert_array_equal(out, a)
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, b0)
+
+
+def test_floor_two_pass_rejects_what_it_cannot_walk():
+    from fastbn._bn_cpu import floor_two_pass
+    a = np.zeros(60, np.uint8)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        floor_two_pass(a, None, np.zeros(120, np.uint8)[::2], 16, True, 2, True)
+    with pytest.raises(ValueError, match="byte size"):
+        floor_two_pass(a, np.zeros(30, np.uint8), np.zeros(60, np.uint8), 16, True, 2, True)
+    with pytest.raises(ValueError, match="piece_bytes must be at least 1, got 0"):
+        floor_two_pass(a, None, np.zeros(60, np.uint8), 0, True, 2, True)
+    with pytest.raises(TypeError, match="'out'"):
+        floor_two_pass(a, None, None, 16, True, 2, True)
