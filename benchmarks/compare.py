@@ -131,7 +131,6 @@ class Case:
         block = channel_block(outer, C, inner, size, 2 if self.op == "backward" else 1, n_threads)
         return (outer, C, block, True) if block and stream else None
 
-
     def two_pass_pieces(self):
         """(piece_bytes, stream) where the CPU core runs this case's training forward or
         backward as two channels-last passes over row chunks (the statistics or sums of
@@ -144,7 +143,7 @@ class Case:
         inner = int(np.prod(self.shape[2:]))
         if self.layout == "nhwc":
             rows, columns, shape3 = self.shape[0] * inner, C, (self.shape[0] * inner, C, 1)
-        elif inner == 1 or inner <= SHORT_ROW_MAX:
+        elif inner <= SHORT_ROW_MAX:  # 2-D arrays (inner 1) and rows walked as columns
             rows, columns, shape3 = self.shape[0], C * inner, (self.shape[0], C, inner)
         else:
             return None
@@ -273,10 +272,12 @@ def build(case, rng):
     if case.op == "moments":
         peers["floor"] = lambda i: floor_pass(xs[i], None, None, nt, False)
     else:
+        def floor_inputs(i):  # the bytes the case reads: dy and x (backward), or x
+            return (dys[i], xs[i]) if dys is not None else (xs[i], None)
+
         def floor(i, stream):
             out = np.empty_like(xs[i])
-            floor_pass(dys[i] if dys is not None else xs[i], xs[i] if dys is not None else None,
-                       out, nt, stream)
+            floor_pass(*floor_inputs(i), out, nt, stream)
             return out
 
         # the fused per-channel passes' order of the same bytes (floor_fused): what that
@@ -289,8 +290,8 @@ def build(case, rng):
 
             def fused_floor(i, ask_ahead):
                 out = np.empty_like(xs[i])
-                floor_fused(dys[i] if dys is not None else xs[i], xs[i] if dys is not None else None,
-                            out, f_outer, f_channels, f_block, ask_ahead, nt, f_stream)
+                floor_fused(*floor_inputs(i), out, f_outer, f_channels, f_block, ask_ahead, nt,
+                            f_stream)
                 return out
 
             peers["fused floor"] = lambda i: fused_floor(i, True)
@@ -302,8 +303,7 @@ def build(case, rng):
 
             def two_pass_floor(i):
                 out = np.empty_like(xs[i])
-                floor_two_pass(dys[i] if dys is not None else xs[i], xs[i] if dys is not None else None,
-                               out, piece_bytes, True, nt, t_stream)
+                floor_two_pass(*floor_inputs(i), out, piece_bytes, True, nt, t_stream)
                 return out
 
             peers["fused floor"] = two_pass_floor

@@ -48,7 +48,8 @@ def plain_backward(dy, x, mean, invstd, weight, training, axis, activation, y,
                    return_residual_grad): ...
 
 # benchmarks/compare.py's memory floors (next to no arithmetic): a read, a copy or a ^ b
-# over the bytes; and the fused per-channel passes' order of the same bytes.
+# over the bytes; the same bytes in the fused per-channel passes' order, and in the
+# channels-last passes' two passes over row chunks.
 def floor_pass(a: np.ndarray, b: np.ndarray | None, out: np.ndarray | None, n_threads: int,
                stream: bool) -> int: ...
 def floor_fused(a: np.ndarray, b: np.ndarray | None, out: np.ndarray, outer: int, C: int,
