@@ -20,6 +20,7 @@ Design (after sklearn/_loss/_loss.pyx.tp):
 """
 from cython.parallel cimport parallel, threadid
 from libc.stdint cimport uint64_t
+from libc.string cimport memset
 cimport numpy as cnp
 import threading
 
@@ -282,15 +283,39 @@ cdef enum:
     _FLOOR_MAX_THREADS = 256  # floor_pass: the most threads it runs
 
 
-cdef idx _floor_bytes(str name, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out) except -1:
-    # the byte size of a, after checking that a, b and out (None allowed) can be walked
-    cdef idx n = cnp.PyArray_NBYTES(a)
+cdef struct FloorCall:
+    const unsigned char* a
+    const unsigned char* b  # NULL: none
+    unsigned char* out  # NULL: none
+    idx n  # bytes of each
+    int threads  # 1.._FLOOR_MAX_THREADS
+
+
+cdef FloorCall _floor_call(str name, cnp.ndarray a, cnp.ndarray b, cnp.ndarray out,
+                           int n_threads) except *:
+    # the floors' arrays (b, out: None allowed) after checking that they can be walked,
+    # and the team size
+    cdef FloorCall f
+    f.n = cnp.PyArray_NBYTES(a)
     for v in (a, b, out):
         if v is not None and not (<cnp.ndarray> v).flags.c_contiguous:
             raise ValueError(f"{name}: arrays must be C-contiguous")
-        if v is not None and cnp.PyArray_NBYTES(<cnp.ndarray> v) != n:
+        if v is not None and cnp.PyArray_NBYTES(<cnp.ndarray> v) != f.n:
             raise ValueError(f"{name}: arrays must have a's byte size")
-    return n
+    f.a = <const unsigned char*> cnp.PyArray_DATA(a)
+    f.b = <const unsigned char*> cnp.PyArray_DATA(b) if b is not None else NULL
+    f.out = <unsigned char*> cnp.PyArray_DATA(out) if out is not None else NULL
+    f.threads = max(1, min(n_threads, _FLOOR_MAX_THREADS))
+    return f
+
+
+cdef inline uint64_t _xor_of(const uint64_t* each, int n) noexcept nogil:
+    # the per-thread results of a floor's read, folded (threads the team did not get: 0)
+    cdef uint64_t r = 0
+    cdef int t
+    for t in range(n):
+        r ^= each[t]
+    return r
 
 
 def floor_pass(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out, int n_threads,
@@ -300,34 +325,23 @@ def floor_pass(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out, int n_thr
     or a copy of a), all C-contiguous; streaming or ordinary stores; at most
     _FLOOR_MAX_THREADS threads. Returns the xor of a read's 8-byte words (so that it is not
     optimized away), else 0."""
-    cdef const unsigned char* pa = <const unsigned char*> cnp.PyArray_DATA(a)
-    cdef const unsigned char* pb = NULL
-    cdef unsigned char* po = NULL
-    cdef idx n = _floor_bytes("floor_pass", a, b, out)
+    cdef FloorCall f = _floor_call("floor_pass", a, b, out, n_threads)
     cdef uint64_t r = 0
     cdef uint64_t each[_FLOOR_MAX_THREADS]  # a read's per-thread results (no allocation)
-    cdef int t
-    n_threads = max(1, min(n_threads, _FLOOR_MAX_THREADS))
-    if b is not None:
-        pb = <const unsigned char*> cnp.PyArray_DATA(b)
-    if out is not None:
-        po = <unsigned char*> cnp.PyArray_DATA(out)
     with nogil:
-        if po == NULL:
-            if n_threads == 1:
-                r = floor_read(pa, 0, n)
+        if f.out == NULL:
+            if f.threads == 1:
+                r = floor_read(f.a, 0, f.n)
             else:
-                for t in range(n_threads):
-                    each[t] = 0  # threads the team did not get
-                with parallel(num_threads=n_threads):
-                    each[threadid()] = floor_read(pa, _team_start(n, 0), _team_start(n, 1))
-                for t in range(n_threads):
-                    r ^= each[t]
-        elif n_threads == 1:
-            floor_write(pa, pb, po, 0, n, stream)
+                memset(each, 0, f.threads * sizeof(uint64_t))
+                with parallel(num_threads=f.threads):
+                    each[threadid()] = floor_read(f.a, _team_start(f.n, 0), _team_start(f.n, 1))
+                r = _xor_of(each, f.threads)
+        elif f.threads == 1:
+            floor_write(f.a, f.b, f.out, 0, f.n, stream)
         else:
-            with parallel(num_threads=n_threads):
-                floor_write(pa, pb, po, _team_start(n, 0), _team_start(n, 1), stream)
+            with parallel(num_threads=f.threads):
+                floor_write(f.a, f.b, f.out, _team_start(f.n, 0), _team_start(f.n, 1), stream)
     return r
 
 
@@ -341,37 +355,28 @@ def floor_fused(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out not None,
     out = a ^ b (or a copy of a) is written from the last row back while the
     next block is asked for; blocks split over the team as the passes split them; at most
     _FLOOR_MAX_THREADS threads. Returns the xor of the reads."""
-    cdef const unsigned char* pa = <const unsigned char*> cnp.PyArray_DATA(a)
-    cdef const unsigned char* pb = NULL
-    cdef unsigned char* po = <unsigned char*> cnp.PyArray_DATA(out)
-    cdef idx n = _floor_bytes("floor_fused", a, b, out)
+    cdef FloorCall f = _floor_call("floor_fused", a, b, out, n_threads)
     cdef uint64_t r = 0
     cdef uint64_t each[_FLOOR_MAX_THREADS]
-    cdef int t
-    if outer < 1 or C < 1 or n % (outer * C):
+    if outer < 1 or C < 1 or f.n % (outer * C):
         raise ValueError(f"floor_fused: outer={outer} and C={C} must be positive and divide "
-                         f"the {n} bytes into rows")
+                         f"the {f.n} bytes into rows")
     if block < 1:
         raise ValueError(f"floor_fused: block must be at least 1 channel, got {block}")
-    cdef idx inner_bytes = n // (outer * C)
+    cdef idx inner_bytes = f.n // (outer * C)
     cdef idx units = (C + block - 1) // block
-    n_threads = max(1, min(n_threads, _FLOOR_MAX_THREADS))
-    if b is not None:
-        pb = <const unsigned char*> cnp.PyArray_DATA(b)
     with nogil:
-        if n_threads == 1:
-            r = floor_fused_channels(pa, pb, po, outer, C, inner_bytes, block, 0, units,
+        if f.threads == 1:
+            r = floor_fused_channels(f.a, f.b, f.out, outer, C, inner_bytes, block, 0, units,
                                      ask_ahead, stream)
         else:
-            for t in range(n_threads):
-                each[t] = 0
-            with parallel(num_threads=n_threads):
-                each[threadid()] = floor_fused_channels(pa, pb, po, outer, C, inner_bytes, block,
-                                                        _team_start(units, 0),
+            memset(each, 0, f.threads * sizeof(uint64_t))
+            with parallel(num_threads=f.threads):
+                each[threadid()] = floor_fused_channels(f.a, f.b, f.out, outer, C, inner_bytes,
+                                                        block, _team_start(units, 0),
                                                         _team_start(units, 1), ask_ahead,
                                                         stream)
-            for t in range(n_threads):
-                r ^= each[t]
+            r = _xor_of(each, f.threads)
     return r
 
 
@@ -383,35 +388,27 @@ def floor_two_pass(cnp.ndarray a not None, cnp.ndarray b, cnp.ndarray out not No
     split their chunks: one parallel pass reads every piece of a and b, a second writes
     out = a ^ b (or a copy of a), each thread its own pieces, the last one first where
     most_recent_first; at most _FLOOR_MAX_THREADS threads. Returns the xor of the reads."""
-    cdef const unsigned char* pa = <const unsigned char*> cnp.PyArray_DATA(a)
-    cdef const unsigned char* pb = NULL
-    cdef unsigned char* po = <unsigned char*> cnp.PyArray_DATA(out)
-    cdef idx n = _floor_bytes("floor_two_pass", a, b, out)
+    cdef FloorCall f = _floor_call("floor_two_pass", a, b, out, n_threads)
     cdef uint64_t r = 0
     cdef uint64_t each[_FLOOR_MAX_THREADS]
-    cdef int t
     if piece_bytes < 1:
         raise ValueError(f"floor_two_pass: piece_bytes must be at least 1, got {piece_bytes}")
-    cdef idx pieces = (n + piece_bytes - 1) // piece_bytes
-    n_threads = max(1, min(n_threads, _FLOOR_MAX_THREADS))
-    if b is not None:
-        pb = <const unsigned char*> cnp.PyArray_DATA(b)
+    cdef idx pieces = (f.n + piece_bytes - 1) // piece_bytes
     with nogil:
-        if n_threads == 1:
-            r = floor_pieces_read(pa, pb, n, piece_bytes, 0, pieces)
-            floor_pieces_write(pa, pb, po, n, piece_bytes, 0, pieces, most_recent_first, stream)
+        if f.threads == 1:
+            r = floor_pieces_read(f.a, f.b, f.n, piece_bytes, 0, pieces)
+            floor_pieces_write(f.a, f.b, f.out, f.n, piece_bytes, 0, pieces, most_recent_first,
+                               stream)
         else:
-            for t in range(n_threads):
-                each[t] = 0
-            with parallel(num_threads=n_threads):
-                each[threadid()] = floor_pieces_read(pa, pb, n, piece_bytes,
+            memset(each, 0, f.threads * sizeof(uint64_t))
+            with parallel(num_threads=f.threads):
+                each[threadid()] = floor_pieces_read(f.a, f.b, f.n, piece_bytes,
                                                      _team_start(pieces, 0),
                                                      _team_start(pieces, 1))
-            with parallel(num_threads=n_threads):
-                floor_pieces_write(pa, pb, po, n, piece_bytes, _team_start(pieces, 0),
+            with parallel(num_threads=f.threads):
+                floor_pieces_write(f.a, f.b, f.out, f.n, piece_bytes, _team_start(pieces, 0),
                                    _team_start(pieces, 1), most_recent_first, stream)
-            for t in range(n_threads):
-                r ^= each[t]
+            r = _xor_of(each, f.threads)
     return r
 
 

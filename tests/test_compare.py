@@ -170,6 +170,24 @@ def test_floor_pass_rejects_arrays_it_cannot_walk():
         floor_pass(None, None, a, 2, False)
 
 
+def _walks_every_byte(walk, nbytes, a_offset, out_offset):
+    """walk(a, b, out) -> the xor of its reads: it writes out = a ^ b (b None: a copy of a)
+    everywhere and reads every byte of its inputs (the xor of every byte of the result is
+    the xor of every byte read), from unaligned starts, without modifying them."""
+    rng = np.random.default_rng(nbytes)
+    a = rng.integers(0, 256, nbytes + a_offset, dtype=np.uint8)[a_offset:]
+    b = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    a0, b0 = a.copy(), b.copy()
+    out = np.zeros(nbytes + out_offset, np.uint8)[out_offset:]
+    for other, expected in ((b, a ^ b), (None, a)):
+        out[:] = 0
+        word = int(walk(a, other, out)).to_bytes(8, "little")
+        np.testing.assert_array_equal(out, expected)
+        assert np.bitwise_xor.reduce(np.frombuffer(word, np.uint8)) == np.bitwise_xor.reduce(expected)
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, b0)
+
+
 @pytest.mark.parametrize("n_threads", [1, 2, 3, 1000])
 @pytest.mark.parametrize("stream,ask_ahead", [(False, False), (True, True), (True, False)])
 @pytest.mark.parametrize("outer,C,row_bytes,block", [(1, 1, 1, 1), (3, 5, 4099, 1), (2, 7, 3 * 4096 + 5, 1),
@@ -181,23 +199,9 @@ def test_floor_fused_moves_every_byte(outer, C, row_bytes, block, stream, ask_ah
     block wider than C), however they split over the team (more threads than blocks
     included), from unaligned starts; its inputs are not modified."""
     from fastbn._bn_cpu import floor_fused
-    n = outer * C * row_bytes
-    rng = np.random.default_rng(n)
-    a = rng.integers(0, 256, n + 1, dtype=np.uint8)[1:]
-    b = rng.integers(0, 256, n, dtype=np.uint8)
-    a0, b0 = a.copy(), b.copy()
-    out = np.zeros(n + 5, np.uint8)[5:]
-    word = int(floor_fused(a, b, out, outer, C, block, ask_ahead, n_threads,
-                           stream)).to_bytes(8, "little")
-    np.testing.assert_array_equal(out, a ^ b)
-    assert np.bitwise_xor.reduce(np.frombuffer(word, np.uint8)) == np.bitwise_xor.reduce(a ^ b)
-    out[:] = 0
-    word = int(floor_fused(a, None, out, outer, C, block, ask_ahead, n_threads,
-                           stream)).to_bytes(8, "little")
-    np.testing.assert_array_equal(out, a)
-    assert np.bitwise_xor.reduce(np.frombuffer(word, np.uint8)) == np.bitwise_xor.reduce(a)
-    np.testing.assert_array_equal(a, a0)
-    np.testing.assert_array_equal(b, b0)
+    _walks_every_byte(lambda a, b, out: floor_fused(a, b, out, outer, C, block, ask_ahead,
+                                                    n_threads, stream),
+                      outer * C * row_bytes, a_offset=1, out_offset=5)
 
 
 def test_floor_fused_rejects_what_it_cannot_walk():
@@ -227,20 +231,9 @@ def test_floor_two_pass_moves_every_byte(nbytes, piece, most_recent_first, strea
     everywhere, in whole and partial pieces, however the pieces split over the team; its
     inputs are not modified."""
     from fastbn._bn_cpu import floor_two_pass
-    rng = np.random.default_rng(nbytes)
-    a = rng.integers(0, 256, nbytes + 3, dtype=np.uint8)[3:]
-    b = rng.integers(0, 256, nbytes, dtype=np.uint8)
-    a0, b0 = a.copy(), b.copy()
-    out = np.zeros(nbytes + 1, np.uint8)[1:]
-    word = int(floor_two_pass(a, b, out, piece, most_recent_first, n_threads,
-                              stream)).to_bytes(8, "little")
-    np.testing.assert_array_equal(out, a ^ b)
-    assert np.bitwise_xor.reduce(np.frombuffer(word, np.uint8)) == np.bitwise_xor.reduce(a ^ b)
-    out[:] = 0
-    floor_two_pass(a, None, out, piece, most_recent_first, n_threads, stream)
-    np.testing.assert_array_equal(out, a)
-    np.testing.assert_array_equal(a, a0)
-    np.testing.assert_array_equal(b, b0)
+    _walks_every_byte(lambda a, b, out: floor_two_pass(a, b, out, piece, most_recent_first,
+                                                       n_threads, stream),
+                      nbytes, a_offset=3, out_offset=1)
 
 
 def test_floor_two_pass_rejects_what_it_cannot_walk():
