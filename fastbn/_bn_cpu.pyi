@@ -9,7 +9,8 @@ def set_num_threads(n: int) -> None: ...  # fastbn.set_num_threads's count; 0: O
 def num_threads() -> int: ...  # threads of a large call (fastbn.get_num_threads)
 def threads_for(size: int) -> int: ...  # threads of a call on `size` elements
 def thresholds(parallel_min_elements: int | None = None, stream_min_bytes: int | None = None,
-               spread_ahead_min_bytes: int | None = None) -> tuple[int, int, int]: ...
+               spread_ahead_min_bytes: int | None = None,
+               strips_max_bytes_per_thread: int | None = None) -> tuple[int, int, int, int]: ...
 def stream_output(out3: np.ndarray) -> bool: ...  # training/backward output streamed
 def half_conversion() -> str: ...  # 'avx512', 'f16c' or 'plain'
 def channel_tiles() -> bool: ...  # channels-last register tiles (AVX-512 BW/VL, FASTBN_CHANNEL_TILES)

@@ -44,6 +44,7 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
         bint relu
         bint stream
         bint spread
+        bint strips
     ctypedef struct Activation:
         const void* y
         idx y_so
@@ -52,6 +53,7 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
         idx dres_so
         idx dres_sc
         bint stream
+        bint strips
     ctypedef struct half:
         pass
     ctypedef struct bf16:
@@ -258,18 +260,36 @@ cdef inline bint _stream_out(idx nbytes, idx C, idx inner, idx so_bytes, idx sc_
 # line at a time in wide channels-last rows (bn_kernels.hpp, sweep_asking_ahead).
 cdef idx _SPREAD_AHEAD_MIN_BYTES = 1 << 20
 
+# The second pass of a channels-last training forward or backward re-reads the rows each
+# thread reduced; while they fit its L2 (at most this much of each input per thread), wide
+# rows are walked a strip of channels at a time (bn_kernels.hpp, normalize_strips_nlc).
+# Beyond it the strips cost more than they save (cold (64, 16384) float32 training
+# forward, 2 MB a thread: 0.317-0.431 -> 0.326-0.479 ms).
+cdef idx _STRIPS_MAX_BYTES_PER_THREAD = 1 << 20
 
-def thresholds(parallel_min_elements=None, stream_min_bytes=None, spread_ahead_min_bytes=None):
+
+def thresholds(parallel_min_elements=None, stream_min_bytes=None, spread_ahead_min_bytes=None,
+               strips_max_bytes_per_thread=None):
     """The size policies in force, (parallel_min_elements, stream_min_bytes,
-    spread_ahead_min_bytes), after setting those given (tests switch them)."""
+    spread_ahead_min_bytes, strips_max_bytes_per_thread), after setting those given (tests
+    switch them)."""
     global _PARALLEL_MIN_ELEMENTS, _STREAM_MIN_BYTES, _SPREAD_AHEAD_MIN_BYTES
+    global _STRIPS_MAX_BYTES_PER_THREAD
     if parallel_min_elements is not None:
         _PARALLEL_MIN_ELEMENTS = parallel_min_elements
     if stream_min_bytes is not None:
         _STREAM_MIN_BYTES = stream_min_bytes
     if spread_ahead_min_bytes is not None:
         _SPREAD_AHEAD_MIN_BYTES = spread_ahead_min_bytes
-    return _PARALLEL_MIN_ELEMENTS, _STREAM_MIN_BYTES, _SPREAD_AHEAD_MIN_BYTES
+    if strips_max_bytes_per_thread is not None:
+        _STRIPS_MAX_BYTES_PER_THREAD = strips_max_bytes_per_thread
+    return (_PARALLEL_MIN_ELEMENTS, _STREAM_MIN_BYTES, _SPREAD_AHEAD_MIN_BYTES,
+            _STRIPS_MAX_BYTES_PER_THREAD)
+
+
+cdef inline bint _rereads_from_cache(cnp.ndarray x3, int n_threads):
+    # whether a second pass over x3 finds each thread's rows in its L2 (see above)
+    return cnp.PyArray_NBYTES(x3) <= _STRIPS_MAX_BYTES_PER_THREAD * max(n_threads, 1)
 
 
 def stream_output(cnp.ndarray out3):
@@ -688,6 +708,7 @@ cdef Epilogue _epilogue(object res3, bint relu, bint stream):
     e.relu = relu
     e.stream = stream
     e.spread = False
+    e.strips = False
     _optional_view(res3, &e.res, &e.res_so, &e.res_sc)
     return e
 
@@ -696,6 +717,7 @@ cdef Activation _activation(object y3, object dres3, bint stream):
     cdef Activation act
     cdef const void* dres
     act.stream = stream
+    act.strips = False
     _optional_view(y3, &act.y, &act.y_so, &act.y_sc)
     _optional_view(dres3, &dres, &act.dres_so, &act.dres_sc)
     act.dres = <void*> dres
@@ -901,6 +923,7 @@ cdef int _run_train_forward(cnp.ndarray x3, cnp.ndarray y3, const double* weight
     cdef void* py = cnp.PyArray_DATA(y3)
     cdef Epilogue e = _epilogue(res3, relu, stream)
     cdef int code = _dtype_code(x3)
+    e.strips = _rereads_from_cache(x3, n_threads)
     if code == 0:
         _train_forward(<const float*> px, <float*> py, x3, y3, weight, bias, eps,
                        mean, var, invstd, _dptr(parts), _dptr(consts), ext, e, n_threads, group)
@@ -967,6 +990,7 @@ cdef int _run_normalize(cnp.ndarray x3, cnp.ndarray y3, const double* mean,
     cdef Epilogue e = _epilogue(res3, relu, stream)
     cdef int code = _dtype_code(x3)
     e.spread = cnp.PyArray_NBYTES(x3) >= _SPREAD_AHEAD_MIN_BYTES
+    e.strips = not e.spread  # x small enough to be taken as cache-resident
     if code == 0:
         _normalize(<const float*> px, <float*> py, x3, y3, mean, scale, shift, _dptr(consts), e, n_threads, group)
     elif code == 1:
@@ -1252,6 +1276,7 @@ cdef int _run_backward(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, const d
     cdef void* pd = cnp.PyArray_DATA(dx3)
     cdef Activation act = _activation(y3, dres3, stream)
     cdef int code = _dtype_code(dy3)
+    act.strips = _rereads_from_cache(x3, n_threads)
     if code == 0:
         _backward(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, mean, invstd,
                   weight, frozen, sdy, sxmu, _dptr(parts), _dptr(consts), ext, act, n_threads, group)
@@ -1310,6 +1335,7 @@ def backward_apply(cnp.ndarray dy3, cnp.ndarray x3, cnp.ndarray dx3, cnp.ndarray
     cdef void* pd = cnp.PyArray_DATA(dx3)
     cdef Activation act = _activation(y3, dres3, stream)
     cdef int code = _dtype_code(dy3)
+    act.strips = _rereads_from_cache(x3, n_threads)
     if code == 0:
         _backward_apply(<const float*> pg, <const float*> px, <float*> pd, dy3, x3, dx3, _dptr(mean), _dptr(a), _dptr(b), _dptr(c), frozen, act, _dptr(consts), n_threads, group)
     elif code == 1:

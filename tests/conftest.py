@@ -50,12 +50,14 @@ NEVER = 1 << 62  # a size threshold no array reaches
 
 @contextlib.contextmanager
 def core_thresholds(parallel_min_elements=None, stream_min_bytes=None,
-                    spread_ahead_min_bytes=None):
+                    spread_ahead_min_bytes=None, strips_max_bytes_per_thread=None):
     """Switch the compiled core's size policies (threads below a size, streaming stores
-    and the spread requests of wide channels-last rows from a size) within the block."""
+    and the spread requests of wide channels-last rows from a size, channel strips up to
+    a size) within the block."""
     from fastbn import _bn_cpu
     saved = _bn_cpu.thresholds()
-    _bn_cpu.thresholds(parallel_min_elements, stream_min_bytes, spread_ahead_min_bytes)
+    _bn_cpu.thresholds(parallel_min_elements, stream_min_bytes, spread_ahead_min_bytes,
+                       strips_max_bytes_per_thread)
     try:
         yield
     finally:
