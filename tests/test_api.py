@@ -647,38 +647,43 @@ def test_spread_requests_in_wide_forward_passes_give_the_same_bits(epilogue, row
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("epilogue", ["plain", "residual-relu"])
-@pytest.mark.parametrize("rows", ["contiguous", "strided"])
-def test_channel_strips_give_the_same_bits(dtype, epilogue, rows):
+@pytest.mark.parametrize("layout", ["channels-last", "strided-rows", "short-rows"])
+def test_channel_strips_give_the_same_bits(dtype, epilogue, layout):
     """Wide channels-last rows that a second pass re-reads from cache (training forward,
     backward dx, inference of small inputs) are walked a strip of channels at a time
     (bn_kernels.hpp, normalize_strips_nlc); the bits are those of whole rows, and the values
     those of the reference. 1100 channels (strips of 512 or 256 and a short last one), 111
-    rows (chunks with a short last one, and rows left over from groups of four), and a view
-    of every row's first 1100 of 1300 channels."""
-    whole = make_data((111, 1300 if rows == "strided" else 1100), dtype, seed=41)
-    x = whole[:, :1100]
+    rows (chunks with a short last one, and rows left over from groups of four), a view of
+    every row's first 1100 of 1300 channels, and (37, 300, 4) with axis=1, whose short rows
+    are walked as 1200 channels-last columns."""
+    if layout == "short-rows":
+        x, axis = make_data((37, 300, 4), dtype, seed=41), 1
+    else:
+        whole = make_data((111, 1300 if layout == "strided-rows" else 1100), dtype, seed=41)
+        x, axis = whole[:, :1100], -1
     dy = make_data(x.shape, dtype, seed=42)
-    C = x.shape[1]
+    C = x.shape[axis]
     rm, rv = make_data((C,), dtype, seed=43), 1.0 + np.abs(make_data((C,), dtype, seed=44))
     w, b = make_data((C,), dtype, seed=45), make_data((C,), dtype, seed=46)
     fused = dict(activation="relu", residual=make_data(x.shape, dtype, seed=47)) \
         if epilogue == "residual-relu" else {}
 
     def outputs():
-        y, mean, invstd = fbn.batch_norm_forward(x, w, b, axis=-1, **fused)
-        inferred = fbn.batch_norm(x, rm, rv, w, b, axis=-1, **fused)
-        dx = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=-1)
-        sums = fbn.backward_reduce(dy, x, mean, invstd, axis=-1)
-        dx_apart = fbn.backward_elementwise(dy, x, mean, invstd, w, *sums[:2], x.shape[0],
-                                            axis=-1)
+        y, mean, invstd = fbn.batch_norm_forward(x, w, b, axis=axis, **fused)
+        inferred = fbn.batch_norm(x, rm, rv, w, b, axis=axis, **fused)
+        dx = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+        sums = fbn.backward_reduce(dy, x, mean, invstd, axis=axis)
+        dx_apart = fbn.backward_elementwise(dy, x, mean, invstd, w, *sums[:2], x.size // C,
+                                            axis=axis)
         return [np.asarray(a) for a in (y, mean, invstd, inferred, *dx, dx_apart)]
 
     assert x.nbytes <= _bn_cpu.thresholds()[3]  # strips on at every thread count
     strips = _same_bits_both_ways(outputs, {}, dict(strips_max_bytes_per_thread=0))
-    assert_data_close(strips[0], reference(fbn.batch_norm_forward, x, w, b, axis=-1, **fused)[0])
-    assert_data_close(strips[3], reference(fbn.batch_norm, x, rm, rv, w, b, axis=-1, **fused))
+    assert_data_close(strips[0], reference(fbn.batch_norm_forward, x, w, b, axis=axis,
+                                           **fused)[0])
+    assert_data_close(strips[3], reference(fbn.batch_norm, x, rm, rv, w, b, axis=axis, **fused))
     assert_data_close(strips[4], reference(fbn.batch_norm_backward, dy, x, strips[1], strips[2],
-                                           w, axis=-1)[0])
+                                           w, axis=axis)[0])
 
 
 def _formula_tolerance(dtype):
