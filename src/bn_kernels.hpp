@@ -2475,11 +2475,15 @@ static const idx WIDE_NLC_CHANNELS = 1024;
 // and y: cold (256, 2048) float32 training forward, 2 threads, the second pass alone
 // (C++ harness, the core's kernels): 28 -> 20.5 us, against 18-20 us for a plain copy.
 static const idx STRIP_CONSTANT_BYTES = 8192;
+// Channels per strip: 512 float32 or 256 float64 (four constant arrays in 8 KB, five in 10).
+template <class T> FASTBN_INLINE idx strip_channels() {
+    return STRIP_CONSTANT_BYTES / (4 * (idx)sizeof(typename compute_of<T>::type));
+}
+
 template <class T, bool RES, bool RELU>
 FASTBN_INLINE void normalize_strips_nlc(const T* x, T* y, idx srx, idx sry, const T* res, idx srr, idx C, idx r0,
                                         idx r1, const void* buf) {
-    typedef typename compute_of<T>::type CT;
-    const idx strip = STRIP_CONSTANT_BYTES / (4 * (idx)sizeof(CT));
+    const idx strip = strip_channels<T>();
     for (idx c0 = 0; c0 < C; c0 += strip) {
         const idx m = C - c0 < strip ? C - c0 : strip;
         idx r = r0;
@@ -3056,8 +3060,8 @@ FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx 
         if (act.strips && !frozen && !act.y && !act.dres && !act.stream && C >= WIDE_NLC_CHANNELS) {
             // a strip of channels at a time (see normalize_strips_nlc): cold (256, 2048)
             // float32 backward, 2 threads, builds called in turn: 0.144-0.159 ->
-            // 0.137-0.157 ms; the pass alone on cold inputs 0.113 -> 0.098-0.099 ms
-            const idx strip = STRIP_CONSTANT_BYTES / (4 * (idx)sizeof(typename compute_of<T>::type));
+            // 0.137-0.158 ms; the pass alone on cold inputs 0.113 -> 0.098-0.099 ms
+            const idx strip = strip_channels<T>();
             for (idx c0 = 0; c0 < C; c0 += strip) {
                 const idx m = C - c0 < strip ? C - c0 : strip;
                 idx rs = r0;
