@@ -2476,25 +2476,29 @@ static const idx WIDE_NLC_CHANNELS = 1024;
 // (C++ harness, the core's kernels): 28 -> 20.5 us, against 18-20 us for a plain copy.
 static const idx STRIP_CONSTANT_BYTES = 8192;
 // Channels per strip: 512 float32 or 256 float64 (four constant arrays in 8 KB, five in 10).
-template <class T> FASTBN_INLINE idx strip_channels() {
-    return STRIP_CONSTANT_BYTES / (4 * (idx)sizeof(typename compute_of<T>::type));
+// For each strip [c0, c0 + m): four(r, c0, m) over rows [r, r + 4) while four rows are
+// left, then one(r, c0, m) for each row left (normalize_strips_nlc, the backward strips).
+template <class T, class Four, class One>
+FASTBN_INLINE void walk_channel_strips(idx C, idx r0, idx r1, const Four& four, const One& one) {
+    const idx strip = STRIP_CONSTANT_BYTES / (4 * (idx)sizeof(typename compute_of<T>::type));
+    for (idx c0 = 0; c0 < C; c0 += strip) {
+        const idx m = C - c0 < strip ? C - c0 : strip;
+        idx r = r0;
+        for (; r + 4 <= r1; r += 4) four(r, c0, m);
+        for (; r < r1; ++r) one(r, c0, m);
+    }
 }
 
 template <class T, bool RES, bool RELU>
 FASTBN_INLINE void normalize_strips_nlc(const T* x, T* y, idx srx, idx sry, const T* res, idx srr, idx C, idx r0,
                                         idx r1, const void* buf) {
-    const idx strip = strip_channels<T>();
-    for (idx c0 = 0; c0 < C; c0 += strip) {
-        const idx m = C - c0 < strip ? C - c0 : strip;
-        idx r = r0;
-        for (; r + 4 <= r1; r += 4) {
-            T* y0 = y + r * sry + c0;
-            normalize_four_rows_nlc<T, RES, RELU>(x + r * srx, srx, RES ? res + r * srr : res, srr, y0, y0 + sry,
-                                                  y0 + 2 * sry, y0 + 3 * sry, C, buf, c0, m);
-        }
-        for (; r < r1; ++r)
-            normalize_row_nlc<T, RES, RELU>(x + r * srx, y + r * sry + c0, RES ? res + r * srr : res, C, buf, c0, m);
-    }
+    walk_channel_strips<T>(C, r0, r1, [&](idx r, idx c0, idx m) FASTBN_LAMBDA_INLINE {
+        T* y0 = y + r * sry + c0;
+        normalize_four_rows_nlc<T, RES, RELU>(x + r * srx, srx, RES ? res + r * srr : res, srr, y0, y0 + sry,
+                                              y0 + 2 * sry, y0 + 3 * sry, C, buf, c0, m);
+    }, [&](idx r, idx c0, idx m) FASTBN_LAMBDA_INLINE {
+        normalize_row_nlc<T, RES, RELU>(x + r * srx, y + r * sry + c0, RES ? res + r * srr : res, C, buf, c0, m);
+    });
 }
 
 template <class T>
@@ -3061,19 +3065,14 @@ FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx 
             // a strip of channels at a time (see normalize_strips_nlc): cold (256, 2048)
             // float32 backward, 2 threads, builds called in turn: 0.144-0.159 ->
             // 0.137-0.158 ms; the pass alone on cold inputs 0.113 -> 0.098-0.099 ms
-            const idx strip = strip_channels<T>();
-            for (idx c0 = 0; c0 < C; c0 += strip) {
-                const idx m = C - c0 < strip ? C - c0 : strip;
-                idx rs = r0;
-                for (; rs + 4 <= r1; rs += 4) {
-                    T* d0 = dx + rs * srdx + c0;
-                    backward_four_rows_nlc(dy + rs * srdy, srdy, x + rs * srx, srx, d0, d0 + srdx, d0 + 2 * srdx,
-                                           d0 + 3 * srdx, C, buf, c0, m);
-                }
-                for (; rs < r1; ++rs)
-                    backward_row_nlc<T, false, false, false>(dy + rs * srdy, x + rs * srx, nullptr, dx + rs * srdx + c0,
-                                                             nullptr, C, buf, c0, m);
-            }
+            walk_channel_strips<T>(C, r0, r1, [&](idx rs, idx c0, idx m) FASTBN_LAMBDA_INLINE {
+                T* d0 = dx + rs * srdx + c0;
+                backward_four_rows_nlc(dy + rs * srdy, srdy, x + rs * srx, srx, d0, d0 + srdx, d0 + 2 * srdx,
+                                       d0 + 3 * srdx, C, buf, c0, m);
+            }, [&](idx rs, idx c0, idx m) FASTBN_LAMBDA_INLINE {
+                backward_row_nlc<T, false, false, false>(dy + rs * srdy, x + rs * srx, nullptr, dx + rs * srdx + c0,
+                                                         nullptr, C, buf, c0, m);
+            });
             return;
         }
         if (!frozen && !act.y && !act.dres && (act.stream || C >= WIDE_NLC_CHANNELS)) {
