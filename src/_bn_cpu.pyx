@@ -147,6 +147,14 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
 
     double chunk_moments_nlc[T](const T* x, idx sr, NLCGrid g, idx r0, idx r1, double* mean,
                                 double* m2, double* bmean, double* bm2, bint spread_ahead)
+    void finish_statistics_nlc[T](const T* dtype_tag, idx n_chunks, idx C, const double* counts,
+                                  const double* means, const double* m2s, double eps,
+                                  const double* weight, const double* bias, double* mean,
+                                  double* var, double* invstd, void* buf)
+    void finish_backward_sums_nlc[T](const T* dtype_tag, idx n_chunks, idx C, const double* pd,
+                                     const double* pq, const double* mean, const double* invstd,
+                                     const double* weight, double m, bint frozen, double* sdy,
+                                     double* sxmu, void* buf)
     void prepare_channel_constants[T](const T* dtype_tag, idx C, idx group, const double* mean, const double* p0,
                                       const double* p1, const double* p2, void* buf)
     void normalize_nlc[T](const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1,
@@ -603,14 +611,13 @@ cdef inline void _chunk_moments_nlc_items(const data_t* x, idx sr, NLCGrid g, do
                                      pq + k * C, mine, mine + C, spread_ahead)
 
 
-cdef void _moments_nlc(const data_t* x, idx sr, NLCGrid g, double* counts, double* mean,
-                       double* m2, double* parts, int n_threads, bint spread_ahead) noexcept nogil:
-    # IN x (rows, C); OUT counts (1,), mean, m2 (C,);
-    # parts: n_chunks + 2*C*n_chunks partials, then a cache-line-aligned scratch of
-    # _thread_scratch_stride(C) per thread
-    cdef idx C = g.channels, k
-    cdef double* pm = parts + g.n_chunks
-    cdef double* pq = pm + C * g.n_chunks
+cdef void _moments_nlc_parts(const data_t* x, idx sr, NLCGrid g, double* parts, int n_threads,
+                             bint spread_ahead) noexcept nogil:
+    # IN x (rows, C); OUT parts: n_chunks counts, then the chunks' means and M2s (C each,
+    # chunk k at k*C), then a cache-line-aligned scratch of _thread_scratch_stride(C) per
+    # thread
+    cdef idx C = g.channels
+    cdef double* pq = parts + g.n_chunks + C * g.n_chunks
     cdef double* scratch = <double*> ((<size_t> (pq + C * g.n_chunks) + 63) & ~(<size_t> 63))
     cdef idx stride = _thread_scratch_stride(C)
     if n_threads == 1:
@@ -619,7 +626,15 @@ cdef void _moments_nlc(const data_t* x, idx sr, NLCGrid g, double* counts, doubl
         with parallel(num_threads=n_threads):
             _chunk_moments_nlc_items(x, sr, g, parts, scratch + stride * threadid(), spread_ahead,
                                      _team_start(g.n_chunks, 0), _team_start(g.n_chunks, 1))
-    counts[0] = merge_chunks_nlc(g.n_chunks, C, parts, pm, pq, mean, m2)
+
+
+cdef void _moments_nlc(const data_t* x, idx sr, NLCGrid g, double* counts, double* mean,
+                       double* m2, double* parts, int n_threads, bint spread_ahead) noexcept nogil:
+    # IN x (rows, C); OUT counts (1,), mean, m2 (C,); parts: as _moments_nlc_parts
+    cdef idx C = g.channels
+    _moments_nlc_parts(x, sr, g, parts, n_threads, spread_ahead)
+    counts[0] = merge_chunks_nlc(g.n_chunks, C, parts, parts + g.n_chunks,
+                                 parts + g.n_chunks + C * g.n_chunks, mean, m2)
 
 
 cdef idx _moments_work_size(cnp.ndarray x3, int n_threads, idx group):
@@ -868,10 +883,13 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
                 _moments_nlc(x, sox, gl, &count, ext, ext + Cf, parts, n_threads, spread_ahead)
                 merge_column_groups(C, group, count, ext, ext + Cf, mean, var)
                 count = count * group
+                finalize_channels(C, &count, 0, eps, var, invstd, weight, parts)
+                prepare_channel_constants(x, C, group, mean, parts, bias, NULL, consts)
             else:
-                _moments_nlc(x, sox, gl, &count, mean, var, parts, n_threads, spread_ahead)
-            finalize_channels(C, &count, 0, eps, var, invstd, weight, parts)
-            prepare_channel_constants(x, C, max(group, 1), mean, parts, bias, NULL, consts)
+                _moments_nlc_parts(x, sox, gl, parts, n_threads, spread_ahead)
+                finish_statistics_nlc(x, gl.n_chunks, C, parts, parts + gl.n_chunks,
+                                      parts + gl.n_chunks + C * gl.n_chunks, eps, weight, bias,
+                                      mean, var, invstd, consts)
             # each thread normalizes the chunks it reduced, walking back: the rows it read
             # most recently are still in its own cache
             _normalize_nlc(x, y, sox, soy, gl, consts, e, True, n_threads)
@@ -1026,6 +1044,24 @@ cdef inline void _chunk_sums_nlc_items(const data_t* dy, const data_t* x, idx so
                        parts + k * C, pq + k * C, act, spread_ahead)
 
 
+cdef void _sums_nlc_parts(const data_t* dy, const data_t* x, idx sog, idx sox, NLCGrid gl,
+                          const double* col_mean, double* parts, Activation act,
+                          bint spread_ahead, int n_threads) noexcept nogil:
+    # every row chunk's partials (see _chunk_sums_nlc_items), each thread its static share
+    if n_threads == 1:
+        _chunk_sums_nlc_items(dy, x, sog, sox, gl, col_mean, parts, act, spread_ahead, 0,
+                              gl.n_chunks)
+    else:
+        with parallel(num_threads=n_threads):
+            _chunk_sums_nlc_items(dy, x, sog, sox, gl, col_mean, parts, act, spread_ahead,
+                                  _team_start(gl.n_chunks, 0), _team_start(gl.n_chunks, 1))
+
+
+cdef inline bint _sums_spread_ahead(cnp.ndarray dy3, cnp.ndarray x3):
+    # the backward sums ask for what follows as rows go (arrays not cache-resident)
+    return cnp.PyArray_NBYTES(dy3) + cnp.PyArray_NBYTES(x3) >= _SPREAD_AHEAD_MIN_BYTES
+
+
 cdef inline void _chunk_sums_nc_items(const data_t* dy, const data_t* x, idx sog, idx scg, idx sox,
                                       idx scx, NCGrid g, const double* mean, double* parts,
                                       Activation act, idx w0, idx w1) noexcept nogil:
@@ -1052,8 +1088,7 @@ cdef void _backward_sums(const data_t* dy, const data_t* x, cnp.ndarray dy3, cnp
     cdef double* col_sxmu = sxmu
     cdef idx sog = _stride(dy3, 0), scg = _stride(dy3, 1)
     cdef idx sox = _stride(x3, 0), scx = _stride(x3, 1)
-    cdef bint spread_ahead = (cnp.PyArray_NBYTES(dy3) + cnp.PyArray_NBYTES(x3)
-                              >= _SPREAD_AHEAD_MIN_BYTES)
+    cdef bint spread_ahead = _sums_spread_ahead(dy3, x3)
     cdef NCGrid g
     cdef NLCGrid gl
     cdef Sums t
@@ -1072,13 +1107,7 @@ cdef void _backward_sums(const data_t* dy, const data_t* x, cnp.ndarray dy3, cnp
             n_chunks = gl.n_chunks
             pd = parts
             pq = parts + C * n_chunks
-            if n_threads == 1:
-                _chunk_sums_nlc_items(dy, x, sog, sox, gl, col_mean, parts, act, spread_ahead, 0,
-                                      n_chunks)
-            else:
-                with parallel(num_threads=n_threads):
-                    _chunk_sums_nlc_items(dy, x, sog, sox, gl, col_mean, parts, act, spread_ahead,
-                                          _team_start(n_chunks, 0), _team_start(n_chunks, 1))
+            _sums_nlc_parts(dy, x, sog, sox, gl, col_mean, parts, act, spread_ahead, n_threads)
             fold_chunk_sums(n_chunks, C, pd, pq, col_sdy, col_sxmu)
             if group:
                 sum_column_groups(dy3.shape[1], group, col_sdy, sdy)
@@ -1113,6 +1142,18 @@ cdef inline void _apply_nlc_chunks_back(const data_t* dy, const data_t* x, data_
                                  _rows_end(gl, kk), consts, frozen, act)
 
 
+cdef void _apply_nlc(const data_t* dy, const data_t* x, data_t* dx, idx sog, idx sox, idx sod,
+                     NLCGrid gl, const double* consts, bint frozen, Activation act,
+                     int n_threads) noexcept nogil:
+    # each thread applies the chunks it reduced, most recent first (its cache)
+    if n_threads == 1:
+        _apply_nlc_chunks_back(dy, x, dx, sog, sox, sod, gl, consts, frozen, act, 0, gl.n_chunks)
+    else:
+        with parallel(num_threads=n_threads):
+            _apply_nlc_chunks_back(dy, x, dx, sog, sox, sod, gl, consts, frozen, act,
+                                   _team_start(gl.n_chunks, 0), _team_start(gl.n_chunks, 1))
+
+
 cdef inline void _apply_nc_items(const data_t* dy, const data_t* x, data_t* dx, idx sog, idx scg,
                                  idx sox, idx scx, idx sod, idx scd, NCGrid g, const double* mean,
                                  const double* ka, const double* kb, const double* kc,
@@ -1141,16 +1182,8 @@ cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.nda
     with nogil:
         if inner == 1 or group:
             prepare_channel_constants(x, C, max(group, 1), mean, ka, kb, kc, consts)
-            C = C * max(group, 1)
-            gl = nlc_grid(outer, C)
-            # each thread applies the chunks it reduced, most recent first (its cache)
-            if n_threads == 1:
-                _apply_nlc_chunks_back(dy, x, dx, sog, sox, sod, gl, consts, frozen, act, 0,
-                                       gl.n_chunks)
-            else:
-                with parallel(num_threads=n_threads):
-                    _apply_nlc_chunks_back(dy, x, dx, sog, sox, sod, gl, consts, frozen, act,
-                                           _team_start(gl.n_chunks, 0), _team_start(gl.n_chunks, 1))
+            _apply_nlc(dy, x, dx, sog, sox, sod, nlc_grid(outer, C * max(group, 1)), consts,
+                       frozen, act, n_threads)
             return
         g = nc_grid(outer, inner)
         if _short_rows(inner, sizeof(data_t)):
@@ -1218,6 +1251,8 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
     cdef idx pf_end = _prefetch_channels_end(C, outer, inner, sizeof(data_t), True)
     cdef bint split = _split_channels(C, g.n_chunks, n_threads)
     cdef idx nblocks, nb = 0
+    cdef NLCGrid gl
+    cdef bint spread_ahead
     if (inner > 1 and not group and not split and act.stream
             and _short_rows(inner, sizeof(data_t))):
         nb = _channel_block(C, outer, inner, sizeof(data_t), scd, 2, n_threads)
@@ -1245,6 +1280,17 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
                     _backward_channels_nc(dy, x, dx, sog, scg, sox, scx, sod, scd, g, C, pf_end,
                                           mean, invstd, weight, frozen, act, sdy, sxmu,
                                           _team_start(C, 0), _team_start(C, 1))
+        return
+    if inner == 1 and not group:
+        # channels-last: the sums' partials, one walk over the channels to the dx constants,
+        # then dx
+        spread_ahead = _sums_spread_ahead(dy3, x3)
+        with nogil:
+            gl = nlc_grid(outer, C)
+            _sums_nlc_parts(dy, x, sog, sox, gl, mean, parts, act, spread_ahead, n_threads)
+            finish_backward_sums_nlc(dy, gl.n_chunks, C, parts, parts + C * gl.n_chunks, mean,
+                                     invstd, weight, m, frozen, sdy, sxmu, consts)
+            _apply_nlc(dy, x, dx, sog, sox, sod, gl, consts, frozen, act, n_threads)
         return
     _backward_sums(dy, x, dy3, x3, mean, act, sdy, sxmu, parts, ext, n_threads, group)
     backward_coefficients_all(C, sdy, sxmu, invstd, weight, m, frozen, ka, kb, kc)
