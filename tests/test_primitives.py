@@ -6,8 +6,10 @@ import pytest
 import fastbn as fbn
 from conftest import make_data
 
+# (300, 600): channels-last rows wide enough for several blocks of channels in the serial
+# step between the passes (finish_statistics_nlc, FINISH_BLOCK) and five row chunks
 LAYOUTS = [((33, 4, 50), 1), ((40, 5, 7, 3), -1), ((3, 2, 40000), 1), ((5000, 7), -1),
-           ((101, 4, 400), 1), ((70, 3, 2, 4), 1)]
+           ((101, 4, 400), 1), ((70, 3, 2, 4), 1), ((300, 600), -1)]
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
