@@ -217,7 +217,7 @@ def _output(out, name, layout, dtype, inputs3):
     call such as out=x is safe: a channel's reduction finishes before it is written)."""
     xp = np if type(inputs3[0]) is np.ndarray else _xp_for(inputs3[0])
     if out is None:
-        y = xp.empty(layout.shape, dtype)
+        y = _bn_cpu.empty_output(layout.shape, dtype) if xp is np else xp.empty(layout.shape, dtype)
         return y, y.reshape(layout.shape3), None
     _check_out(out, name, layout.shape, dtype)
     y3 = out.reshape(layout.shape3)
@@ -226,7 +226,7 @@ def _output(out, name, layout, dtype, inputs3):
         v is not None and xp.may_share_memory(y3, v) and not _same_view(y3, v) for v in inputs3)
     if direct:
         return out, y3, None
-    tmp = xp.empty(layout.shape, dtype)
+    tmp = _bn_cpu.empty_output(layout.shape, dtype) if xp is np else xp.empty(layout.shape, dtype)
     return out, tmp.reshape(layout.shape3), tmp
 
 

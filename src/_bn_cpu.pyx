@@ -19,7 +19,7 @@ Design (after sklearn/_loss/_loss.pyx.tp):
     the Python layer's checks.
 """
 from cython.parallel cimport parallel, threadid
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memset
 cimport numpy as cnp
 import threading
@@ -1605,8 +1605,102 @@ cdef double* _channel_buffers(idx C) except NULL:
     return buf
 
 
+# Outputs start on a cache line. NumPy's allocator returns malloc's 16-byte alignment, so
+# three of four 64-byte stores of a row walk straddle two lines: 3 us of a cold (256, 2048)
+# float32 training forward and 5 us of its backward. The kernels' own stores see this only
+# below STREAM_BYTES (larger outputs go through aligned staging), and from NumPy's 4 MiB up
+# its allocator asks the kernel for huge pages, which this one would not; so only outputs in
+# [ALIGNED_MIN_BYTES, ALIGNED_MAX_BYTES) are allocated here, through NumPy's documented
+# handler API: the array owns its data and frees it through the same handler.
+cdef extern from "numpy/arrayobject.h":
+    ctypedef struct PyDataMemAllocator:
+        void* ctx
+        void* (*malloc)(void* ctx, size_t size) noexcept nogil
+        void* (*calloc)(void* ctx, size_t nelem, size_t elsize) noexcept nogil
+        void* (*realloc)(void* ctx, void* ptr, size_t new_size) noexcept nogil
+        void (*free)(void* ctx, void* ptr, size_t size) noexcept nogil
+    ctypedef struct PyDataMem_Handler:
+        char name[127]
+        uint8_t version
+        PyDataMemAllocator allocator
+    object PyDataMem_SetHandler(object handler)
+
+cdef extern from "<stdlib.h>" nogil:
+    int posix_memalign(void** ptr, size_t alignment, size_t size)
+    void* realloc(void* ptr, size_t size)
+
+from cpython.pycapsule cimport PyCapsule_New
+
+cdef enum:
+    CACHE_LINE = 64
+cdef size_t ALIGNED_MIN_BYTES = 1 << 16
+cdef size_t ALIGNED_MAX_BYTES = 1 << 22
+
+
+cdef void* _line_malloc(void* ctx, size_t size) noexcept nogil:
+    cdef void* p = NULL
+    if posix_memalign(&p, CACHE_LINE, size if size else 1) != 0:
+        return NULL
+    return p
+
+
+cdef void* _line_calloc(void* ctx, size_t nelem, size_t elsize) noexcept nogil:
+    if elsize and nelem > (<size_t> -1) / elsize:
+        return NULL
+    cdef void* p = _line_malloc(ctx, nelem * elsize)
+    if p != NULL:
+        memset(p, 0, nelem * elsize)
+    return p
+
+
+cdef void* _line_realloc(void* ctx, void* ptr, size_t new_size) noexcept nogil:
+    return realloc(ptr, new_size if new_size else 1)  # ndarray.resize: alignment may go
+
+
+cdef void _line_free(void* ctx, void* ptr, size_t size) noexcept nogil:
+    free(ptr)
+
+
+cdef PyDataMem_Handler _line_handler
+memcpy(_line_handler.name, b"fastbn_line64", 14)
+_line_handler.version = 1
+_line_handler.allocator.ctx = NULL
+_line_handler.allocator.malloc = _line_malloc
+_line_handler.allocator.calloc = _line_calloc
+_line_handler.allocator.realloc = _line_realloc
+_line_handler.allocator.free = _line_free
+_LINE_HANDLER = PyCapsule_New(&_line_handler, "mem_handler", NULL)
+
+
+cdef cnp.ndarray _empty(int ndim, cnp.npy_intp* dims, int typenum, size_t nbytes):
+    """An uninitialized C-ordered array, cache-line aligned where that pays (see above)."""
+    if not ALIGNED_MIN_BYTES <= nbytes < ALIGNED_MAX_BYTES:
+        return cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
+    previous = PyDataMem_SetHandler(_LINE_HANDLER)
+    try:
+        return cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
+    finally:
+        PyDataMem_SetHandler(previous)
+
+
 cdef cnp.ndarray _empty_like(cnp.ndarray a):
-    return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a), cnp.PyArray_TYPE(a), 0)
+    return _empty(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a), cnp.PyArray_TYPE(a),
+                  cnp.PyArray_NBYTES(a))
+
+
+def empty_output(shape, dtype):
+    """numpy.empty(shape, dtype) for a kernel's output, cache-line aligned as above."""
+    dtype = np.dtype(dtype)
+    cdef size_t nbytes = dtype.itemsize
+    for n in shape:
+        nbytes *= <size_t> n
+    if not ALIGNED_MIN_BYTES <= nbytes < ALIGNED_MAX_BYTES:
+        return np.empty(shape, dtype)
+    previous = PyDataMem_SetHandler(_LINE_HANDLER)
+    try:
+        return np.empty(shape, dtype)
+    finally:
+        PyDataMem_SetHandler(previous)
 
 
 cdef cnp.ndarray _statistic(const double* v, idx C, int code):
