@@ -1691,9 +1691,9 @@ cdef cnp.ndarray _empty_like(cnp.ndarray a):
 def empty_output(shape, dtype):
     """numpy.empty(shape, dtype) for a kernel's output, cache-line aligned as above."""
     dtype = np.dtype(dtype)
-    cdef size_t nbytes = dtype.itemsize
+    nbytes = dtype.itemsize  # a Python int: numpy.empty reports negative or huge shapes
     for n in shape:
-        nbytes *= <size_t> n
+        nbytes *= n
     if not ALIGNED_MIN_BYTES <= nbytes < ALIGNED_MAX_BYTES:
         return np.empty(shape, dtype)
     previous = PyDataMem_SetHandler(_LINE_HANDLER)

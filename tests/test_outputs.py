@@ -1,0 +1,89 @@
+"""Outputs the CPU core allocates: cache-line aligned from 64 KiB up to 4 MiB, through
+NumPy's memory-handler API, and ordinary NumPy arrays in every way a user can see."""
+import pickle
+
+import numpy as np
+import pytest
+
+import fastbn as fbn
+from fastbn import _api, _bn_cpu
+
+try:  # NumPy 2
+    from numpy._core.multiarray import get_handler_name
+except ImportError:  # NumPy 1.25/1.26
+    from numpy.core.multiarray import get_handler_name
+
+LINE_HANDLER = "fastbn_line64"
+DEFAULT_HANDLER = get_handler_name()
+
+
+def _outputs(x, plain):
+    """Every array output of the public functions for x (channels on axis -1)."""
+    C = x.shape[-1]
+    ax = -1
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    y, mean, invstd = fbn.batch_norm_forward(x, axis=ax)
+    out = {"batch_norm training": fbn.batch_norm(x, rm, rv, training=True, axis=ax),
+           "batch_norm eval": fbn.batch_norm(x, rm, rv, axis=ax),
+           "batch_norm_forward": y,
+           "normalize": fbn.normalize(x, mean, invstd, axis=ax)}
+    dx, _, _, dres = fbn.batch_norm_backward(x, x, mean, invstd, axis=ax, activation="relu",
+                                             y=y, return_residual_grad=True)
+    out["batch_norm_backward"], out["dresidual"] = dx, dres
+    if not plain:  # fused outputs through the checked path's buffer: out= not a kernel view
+        strided = np.empty(x.shape[:-1] + (2 * C,), x.dtype)[..., ::2]
+        fbn.batch_norm(x, rm, rv, training=True, axis=ax, out=strided)
+    return out
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["plain calls", "checked path"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_mid_sized_outputs_start_on_a_cache_line(monkeypatch, plain, dtype):
+    if not plain:
+        monkeypatch.setattr(_api, "_PLAIN_CALLS", False)
+    x = np.random.default_rng(0).standard_normal((300, 257)).astype(dtype)  # 77-300 KB
+    for name, a in _outputs(x, plain).items():
+        assert a.ctypes.data % 64 == 0, name
+        assert get_handler_name(a) == LINE_HANDLER, name
+        assert a.flags.owndata and a.flags.writeable and a.flags.c_contiguous, name
+        assert a.base is None, name
+    assert get_handler_name() == DEFAULT_HANDLER  # put back after each allocation
+
+
+@pytest.mark.parametrize("shape", [(4, 257), (1100, 1024)], ids=["small", "4 MiB up"])
+def test_other_sizes_keep_numpys_allocator(shape):
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    for name, a in _outputs(x, True).items():
+        assert get_handler_name(a) == DEFAULT_HANDLER, name
+        assert a.flags.owndata, name
+
+
+def test_empty_output_bounds():
+    line = 1 << 16
+    assert get_handler_name(_bn_cpu.empty_output((line // 4 - 1,), np.float32)) == DEFAULT_HANDLER
+    assert get_handler_name(_bn_cpu.empty_output((line // 4,), np.float32)) == LINE_HANDLER
+    top = (1 << 22) // 8
+    assert get_handler_name(_bn_cpu.empty_output((top - 1,), np.float64)) == LINE_HANDLER
+    assert get_handler_name(_bn_cpu.empty_output((top,), np.float64)) == DEFAULT_HANDLER
+    a = _bn_cpu.empty_output((128, 3, 86), "float16")
+    assert a.shape == (128, 3, 86) and a.dtype == np.float16 and a.ctypes.data % 64 == 0
+    with pytest.raises(ValueError):
+        _bn_cpu.empty_output((-1, 4), np.float32)
+    assert get_handler_name() == DEFAULT_HANDLER
+
+
+def test_aligned_outputs_behave_as_any_array():
+    x = np.random.default_rng(2).standard_normal((200, 300))
+    y = fbn.batch_norm(x, training=True, axis=-1)
+    assert get_handler_name(y) == LINE_HANDLER
+    expected = y.copy()
+    assert np.array_equal(pickle.loads(pickle.dumps(y)), expected)
+    y.resize((400, 300), refcheck=False)  # realloc through the same handler
+    assert np.array_equal(y[:200], expected)
+    y.resize((10, 300), refcheck=False)
+    assert np.array_equal(y, expected[:10])
+    for _ in range(200):  # allocated and freed through the handler, many times
+        fbn.batch_norm(x, training=True, axis=-1)
+    views = [fbn.batch_norm(x, training=True, axis=-1)[::2] for _ in range(3)]
+    del y
+    assert all(np.array_equal(v, expected[::2]) for v in views)
