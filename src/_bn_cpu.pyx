@@ -1606,12 +1606,13 @@ cdef double* _channel_buffers(idx C) except NULL:
 
 
 # Outputs start on a cache line. NumPy's allocator returns malloc's 16-byte alignment, so
-# three of four 64-byte stores of a row walk straddle two lines: 3 us of a cold (256, 2048)
-# float32 training forward and 5 us of its backward. The kernels' own stores see this only
-# below STREAM_BYTES (larger outputs go through aligned staging), and from NumPy's 4 MiB up
-# its allocator asks the kernel for huge pages, which this one would not; so only outputs in
-# [ALIGNED_MIN_BYTES, ALIGNED_MAX_BYTES) are allocated here, through NumPy's documented
-# handler API: the array owns its data and frees it through the same handler.
+# most 64-byte stores of a row walk straddle two lines: 3 us of a cold (256, 2048) float32
+# training forward and 5 us of its backward (2-3 % at (768, 2048)). Outputs of
+# STREAM_MIN_BYTES and more are written through aligned staging, and inference outputs of
+# any size showed no difference, so only outputs in [ALIGNED_MIN_BYTES, _STREAM_MIN_BYTES)
+# are allocated here, through NumPy's documented handler API: the array owns its data and
+# frees it through the same handler. From 4 MiB up the pages are advised huge as NumPy's
+# own allocator advises them (numpy._core.multiarray._set_madvise_hugepage).
 cdef extern from "numpy/arrayobject.h":
     ctypedef struct PyDataMemAllocator:
         void* ctx
@@ -1630,17 +1631,24 @@ cdef extern from "<stdlib.h>" nogil:
     void* realloc(void* ptr, size_t size)
 
 from cpython.pycapsule cimport PyCapsule_New
+from posix.mman cimport madvise, MADV_HUGEPAGE
 
 cdef enum:
     CACHE_LINE = 64
+    PAGE = 4096
 cdef size_t ALIGNED_MIN_BYTES = 1 << 16
-cdef size_t ALIGNED_MAX_BYTES = 1 << 22
+cdef size_t HUGEPAGE_ADVICE_BYTES = 1 << 22  # NumPy's threshold for the advice
 
 
 cdef void* _line_malloc(void* ctx, size_t size) noexcept nogil:
+    """ctx: non-NULL to advise huge pages from HUGEPAGE_ADVICE_BYTES, as NumPy does."""
     cdef void* p = NULL
+    cdef size_t skip
     if posix_memalign(&p, CACHE_LINE, size if size else 1) != 0:
         return NULL
+    if ctx != NULL and size >= HUGEPAGE_ADVICE_BYTES:
+        skip = PAGE - (<size_t> p) % PAGE
+        madvise(<char*> p + skip, size - skip, MADV_HUGEPAGE)  # a hint: errors ignored
     return p
 
 
@@ -1661,22 +1669,43 @@ cdef void _line_free(void* ctx, void* ptr, size_t size) noexcept nogil:
     free(ptr)
 
 
-cdef PyDataMem_Handler _line_handler
-memcpy(_line_handler.name, b"fastbn_line64", 14)
-_line_handler.version = 1
-_line_handler.allocator.ctx = NULL
-_line_handler.allocator.malloc = _line_malloc
-_line_handler.allocator.calloc = _line_calloc
-_line_handler.allocator.realloc = _line_realloc
-_line_handler.allocator.free = _line_free
-_LINE_HANDLER = PyCapsule_New(&_line_handler, "mem_handler", NULL)
+cdef PyDataMem_Handler _line_handlers[2]  # [1] advises huge pages
+
+
+cdef object _line_handler(int advise):
+    cdef PyDataMem_Handler* h = &_line_handlers[advise]
+    memcpy(h.name, b"fastbn_line64", 14)
+    h.version = 1
+    h.allocator.ctx = <void*> h if advise else NULL
+    h.allocator.malloc = _line_malloc
+    h.allocator.calloc = _line_calloc
+    h.allocator.realloc = _line_realloc
+    h.allocator.free = _line_free
+    return PyCapsule_New(h, "mem_handler", NULL)
+
+
+_LINE_HANDLERS = (_line_handler(0), _line_handler(1))
+try:
+    from numpy._core.multiarray import _get_madvise_hugepage
+except ImportError:  # NumPy 1.x
+    from numpy.core.multiarray import _get_madvise_hugepage
+
+
+cdef object _handler_for(size_t nbytes):
+    """The handler for an output of nbytes; None: NumPy's own."""
+    if not ALIGNED_MIN_BYTES <= nbytes < <size_t> _STREAM_MIN_BYTES:
+        return None
+    if nbytes >= HUGEPAGE_ADVICE_BYTES and _get_madvise_hugepage():
+        return _LINE_HANDLERS[1]
+    return _LINE_HANDLERS[0]
 
 
 cdef cnp.ndarray _empty(int ndim, cnp.npy_intp* dims, int typenum, size_t nbytes):
     """An uninitialized C-ordered array, cache-line aligned where that pays (see above)."""
-    if not ALIGNED_MIN_BYTES <= nbytes < ALIGNED_MAX_BYTES:
+    handler = _handler_for(nbytes)
+    if handler is None:
         return cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
-    previous = PyDataMem_SetHandler(_LINE_HANDLER)
+    previous = PyDataMem_SetHandler(handler)
     try:
         return cnp.PyArray_EMPTY(ndim, dims, typenum, 0)
     finally:
@@ -1694,9 +1723,10 @@ def empty_output(shape, dtype):
     nbytes = dtype.itemsize  # a Python int: numpy.empty reports negative or huge shapes
     for n in shape:
         nbytes *= n
-    if not ALIGNED_MIN_BYTES <= nbytes < ALIGNED_MAX_BYTES:
+    handler = _handler_for(nbytes) if 0 <= nbytes < 1 << 62 else None
+    if handler is None:
         return np.empty(shape, dtype)
-    previous = PyDataMem_SetHandler(_LINE_HANDLER)
+    previous = PyDataMem_SetHandler(handler)
     try:
         return np.empty(shape, dtype)
     finally:

@@ -1,6 +1,8 @@
-"""Outputs the CPU core allocates: cache-line aligned from 64 KiB up to 4 MiB, through
-NumPy's memory-handler API, and ordinary NumPy arrays in every way a user can see."""
+"""Outputs the CPU core allocates: cache-line aligned from 64 KiB up to the size whose
+outputs are streamed (8 MiB), through NumPy's memory-handler API, with NumPy's huge-page
+advice from 4 MiB, and ordinary NumPy arrays in every way a user can see."""
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -9,9 +11,9 @@ import fastbn as fbn
 from fastbn import _api, _bn_cpu
 
 try:  # NumPy 2
-    from numpy._core.multiarray import get_handler_name
+    from numpy._core.multiarray import _set_madvise_hugepage, get_handler_name
 except ImportError:  # NumPy 1.25/1.26
-    from numpy.core.multiarray import get_handler_name
+    from numpy.core.multiarray import _set_madvise_hugepage, get_handler_name
 
 LINE_HANDLER = "fastbn_line64"
 DEFAULT_HANDLER = get_handler_name()
@@ -50,8 +52,9 @@ def test_mid_sized_outputs_start_on_a_cache_line(monkeypatch, plain, dtype):
     assert get_handler_name() == DEFAULT_HANDLER  # put back after each allocation
 
 
-@pytest.mark.parametrize("shape", [(4, 257), (1100, 1024)], ids=["small", "4 MiB up"])
+@pytest.mark.parametrize("shape", [(4, 257), (2100, 1024)], ids=["small", "streamed"])
 def test_other_sizes_keep_numpys_allocator(shape):
+    assert _bn_cpu.thresholds()[1] == 8 << 20
     x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     for name, a in _outputs(x, True).items():
         assert get_handler_name(a) == DEFAULT_HANDLER, name
@@ -62,7 +65,7 @@ def test_empty_output_bounds():
     line = 1 << 16
     assert get_handler_name(_bn_cpu.empty_output((line // 4 - 1,), np.float32)) == DEFAULT_HANDLER
     assert get_handler_name(_bn_cpu.empty_output((line // 4,), np.float32)) == LINE_HANDLER
-    top = (1 << 22) // 8
+    top = (8 << 20) // 8
     assert get_handler_name(_bn_cpu.empty_output((top - 1,), np.float64)) == LINE_HANDLER
     assert get_handler_name(_bn_cpu.empty_output((top,), np.float64)) == DEFAULT_HANDLER
     a = _bn_cpu.empty_output((128, 3, 86), "float16")
@@ -87,3 +90,35 @@ def test_aligned_outputs_behave_as_any_array():
     views = [fbn.batch_norm(x, training=True, axis=-1)[::2] for _ in range(3)]
     del y
     assert all(np.array_equal(v, expected[::2]) for v in views)
+
+
+def _vm_flags(address):
+    """The VmFlags of the mapping that holds address (/proc/self/smaps)."""
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            if lo <= address < hi:
+                for follow in lines[i + 1:]:
+                    if follow.startswith("VmFlags:"):
+                        return follow.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page advice: Linux")
+@pytest.mark.parametrize("advise", [True, False])
+def test_huge_page_advice_follows_numpys(advise):
+    previous = _set_madvise_hugepage(advise)
+    try:
+        ours = _bn_cpu.empty_output((6 << 20,), np.uint8)  # 6 MiB: aligned and advised
+        numpys = np.empty(6 << 20, np.uint8)
+        assert get_handler_name(ours) == LINE_HANDLER
+        middle = lambda a: a.ctypes.data + a.nbytes // 2
+        assert ("hg" in _vm_flags(middle(ours))) == ("hg" in _vm_flags(middle(numpys)))
+        if advise:
+            assert "hg" in _vm_flags(middle(ours))
+        small = _bn_cpu.empty_output((3 << 20,), np.uint8)  # below NumPy's 4 MiB: no advice
+        assert get_handler_name(small) == LINE_HANDLER
+    finally:
+        _set_madvise_hugepage(previous)
