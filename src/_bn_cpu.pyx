@@ -1687,8 +1687,12 @@ cdef object _line_handler(int advise):
 _LINE_HANDLERS = (_line_handler(0), _line_handler(1))
 try:
     from numpy._core.multiarray import _get_madvise_hugepage
-except ImportError:  # NumPy 1.x
-    from numpy.core.multiarray import _get_madvise_hugepage
+except ImportError:
+    try:  # NumPy 1.x
+        from numpy.core.multiarray import _get_madvise_hugepage
+    except ImportError:  # a NumPy without the switch: its Linux default
+        import sys as _sys
+        _get_madvise_hugepage = lambda: _sys.platform.startswith("linux")
 
 
 cdef object _handler_for(size_t nbytes):

@@ -11,9 +11,11 @@ import fastbn as fbn
 from fastbn import _api, _bn_cpu
 
 try:  # NumPy 2
-    from numpy._core.multiarray import _set_madvise_hugepage, get_handler_name
+    from numpy._core import multiarray
 except ImportError:  # NumPy 1.25/1.26
-    from numpy.core.multiarray import _set_madvise_hugepage, get_handler_name
+    from numpy.core import multiarray
+get_handler_name = multiarray.get_handler_name
+_set_madvise_hugepage = getattr(multiarray, "_set_madvise_hugepage", None)
 
 LINE_HANDLER = "fastbn_line64"
 DEFAULT_HANDLER = get_handler_name()
@@ -106,7 +108,8 @@ def _vm_flags(address):
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page advice: Linux")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _set_madvise_hugepage is None,
+                    reason="huge-page advice: Linux, NumPy's switch")
 @pytest.mark.parametrize("advise", [True, False])
 def test_huge_page_advice_follows_numpys(advise):
     previous = _set_madvise_hugepage(advise)
