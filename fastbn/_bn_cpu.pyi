@@ -1,6 +1,7 @@
 # Stub of the compiled CPU core (src/_bn_cpu.pyx). Arguments are validated
 # (outer, C, inner) views and preallocated float64 (C,) arrays; see _backend_cpu.py.
 import numpy as np
+import numpy.typing as npt
 
 SHORT_ROW_MAX: int  # NC rows up to this long are walked as channels-last columns
 
@@ -12,6 +13,7 @@ def thresholds(parallel_min_elements: int | None = None, stream_min_bytes: int |
                spread_ahead_min_bytes: int | None = None,
                strips_max_bytes_per_thread: int | None = None) -> tuple[int, int, int, int]: ...
 def stream_output(out3: np.ndarray) -> bool: ...  # training/backward output streamed
+def empty_output(shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray: ...  # aligned 64 KiB-8 MiB
 def half_conversion() -> str: ...  # 'avx512', 'f16c' or 'plain'
 def channel_tiles() -> bool: ...  # channels-last register tiles (AVX-512 BW/VL, FASTBN_CHANNEL_TILES)
 def channel_block(outer: int, C: int, inner: int, itemsize: int, n_inputs: int,
