@@ -34,9 +34,10 @@ def _outputs(x, plain):
     dx, _, _, dres = fbn.batch_norm_backward(x, x, mean, invstd, axis=ax, activation="relu",
                                              y=y, return_residual_grad=True)
     out["batch_norm_backward"], out["dresidual"] = dx, dres
-    if not plain:  # fused outputs through the checked path's buffer: out= not a kernel view
+    if not plain:  # out= that is not a kernel view goes through an (aligned) staging buffer
         strided = np.empty(x.shape[:-1] + (2 * C,), x.dtype)[..., ::2]
-        fbn.batch_norm(x, rm, rv, training=True, axis=ax, out=strided)
+        assert fbn.batch_norm(x, rm, rv, training=True, axis=ax, out=strided) is strided
+        np.testing.assert_array_equal(strided, out["batch_norm training"])
     return out
 
 
@@ -125,3 +126,19 @@ def test_huge_page_advice_follows_numpys(advise):
         assert get_handler_name(small) == LINE_HANDLER
     finally:
         _set_madvise_hugepage(previous)
+
+
+def test_out_staging_buffer_is_aligned(monkeypatch):
+    made, original = [], _bn_cpu.empty_output
+
+    def recording(shape, dtype):
+        made.append(original(shape, dtype))
+        return made[-1]
+
+    monkeypatch.setattr(_bn_cpu, "empty_output", recording)
+    x = np.random.default_rng(3).standard_normal((300, 257)).astype(np.float32)
+    strided = np.empty((300, 514), np.float32)[:, ::2]  # not a kernel view: staged
+    fbn.batch_norm(x, training=True, axis=-1, out=strided)
+    assert len(made) == 1 and made[0].shape == x.shape
+    assert made[0].ctypes.data % 64 == 0 and get_handler_name(made[0]) == LINE_HANDLER
+    np.testing.assert_array_equal(strided, fbn.batch_norm(x, training=True, axis=-1))
