@@ -1626,10 +1626,6 @@ cdef extern from "numpy/arrayobject.h":
         PyDataMemAllocator allocator
     object PyDataMem_SetHandler(object handler)
 
-cdef extern from "<stdlib.h>" nogil:
-    int posix_memalign(void** ptr, size_t alignment, size_t size)
-    void* realloc(void* ptr, size_t size)
-
 from cpython.pycapsule cimport PyCapsule_New
 from posix.mman cimport madvise, MADV_HUGEPAGE
 
@@ -1640,15 +1636,74 @@ cdef size_t ALIGNED_MIN_BYTES = 1 << 16
 cdef size_t HUGEPAGE_ADVICE_BYTES = 1 << 22  # NumPy's threshold for the advice
 
 
+cdef extern from "<mutex>" namespace "std" nogil:
+    cppclass mutex:
+        void lock()
+        void unlock()
+
+# Freed blocks kept for the next outputs. glibc hands the top of its heap back to the OS
+# and maps large blocks afresh by heuristics that any mix of sizes can trip, and then every
+# page of the next output faults on first touch: (256, 2048) float32, 2 MiB outputs,
+# ~500 faults and 3-4x the time of a call in loops as plain as holding a training
+# forward's and a backward's outputs for one step, with NumPy's allocator as with
+# posix_memalign or an over-allocated malloc (each had loops of its own that tripped it).
+# At most CACHED_BLOCKS blocks and CACHED_BYTES_MAX bytes stay cached (the oldest dropped
+# first), each reused for a request up to an eighth smaller than it.
+cdef enum:
+    CACHED_BLOCKS = 6
+cdef size_t CACHED_BYTES_MAX = 48 << 20
+cdef mutex _cache_lock
+cdef char* _cached[CACHED_BLOCKS]
+cdef int _n_cached = 0
+cdef size_t _cached_bytes = 0
+
+
+cdef inline size_t _capacity(const char* p) noexcept nogil:
+    return (<const size_t*> p)[-2]
+
+
+cdef char* _take_cached(size_t size) noexcept nogil:
+    """A cached block that holds size bytes, wasting at most an eighth of it; NULL if none."""
+    global _n_cached, _cached_bytes
+    cdef int i, best = -1
+    cdef size_t cap
+    cdef char* p = NULL
+    _cache_lock.lock()
+    for i in range(_n_cached):
+        cap = _capacity(_cached[i])
+        if size <= cap and cap - size <= size // 8 and (best < 0 or cap < _capacity(_cached[best])):
+            best = i
+    if best >= 0:
+        p = _cached[best]
+        for i in range(best, _n_cached - 1):  # oldest first
+            _cached[i] = _cached[i + 1]
+        _n_cached -= 1
+        _cached_bytes -= _capacity(p)
+    _cache_lock.unlock()
+    return p
+
+
 cdef void* _line_malloc(void* ctx, size_t size) noexcept nogil:
-    """ctx: non-NULL to advise huge pages from HUGEPAGE_ADVICE_BYTES, as NumPy does."""
-    cdef void* p = NULL
+    """ctx: non-NULL to advise huge pages from HUGEPAGE_ADVICE_BYTES, as NumPy does.
+
+    A cached block, or a malloc of CACHE_LINE more bytes: the array starts at the first
+    line boundary past a 16-byte header (malloc's block, the block's capacity)."""
+    cdef char* base
+    cdef char* p
     cdef size_t skip
-    if posix_memalign(&p, CACHE_LINE, size if size else 1) != 0:
+    if size > (<size_t> -1) - 2 * CACHE_LINE:
         return NULL
+    p = _take_cached(size)
+    if p == NULL:
+        base = <char*> malloc(size + CACHE_LINE)
+        if base == NULL:
+            return NULL
+        p = <char*> ((<size_t> base + CACHE_LINE) & ~(<size_t> (CACHE_LINE - 1)))  # 16..64 past
+        (<void**> p)[-1] = base
+        (<size_t*> p)[-2] = size
     if ctx != NULL and size >= HUGEPAGE_ADVICE_BYTES:
         skip = PAGE - (<size_t> p) % PAGE
-        madvise(<char*> p + skip, size - skip, MADV_HUGEPAGE)  # a hint: errors ignored
+        madvise(p + skip, size - skip, MADV_HUGEPAGE)  # a hint: errors ignored
     return p
 
 
@@ -1661,12 +1716,51 @@ cdef void* _line_calloc(void* ctx, size_t nelem, size_t elsize) noexcept nogil:
     return p
 
 
-cdef void* _line_realloc(void* ctx, void* ptr, size_t new_size) noexcept nogil:
-    return realloc(ptr, new_size if new_size else 1)  # ndarray.resize: alignment may go
-
-
 cdef void _line_free(void* ctx, void* ptr, size_t size) noexcept nogil:
-    free(ptr)
+    """Keeps the block, dropping the oldest cached ones to make room; frees it if it alone
+    is over the byte bound."""
+    global _n_cached, _cached_bytes
+    if ptr == NULL:
+        return
+    cdef char* p = <char*> ptr
+    cdef size_t cap = _capacity(p)
+    cdef char* dropped[CACHED_BLOCKS]
+    cdef int n_dropped = 0, i
+    if cap > CACHED_BYTES_MAX:
+        free((<void**> p)[-1])
+        return
+    _cache_lock.lock()
+    while _n_cached == CACHED_BLOCKS or _cached_bytes + cap > CACHED_BYTES_MAX:
+        dropped[n_dropped] = _cached[0]
+        n_dropped += 1
+        _cached_bytes -= _capacity(_cached[0])
+        for i in range(_n_cached - 1):
+            _cached[i] = _cached[i + 1]
+        _n_cached -= 1
+    _cached[_n_cached] = p
+    _n_cached += 1
+    _cached_bytes += cap
+    _cache_lock.unlock()
+    for i in range(n_dropped):
+        free((<void**> dropped[i])[-1])
+
+
+cdef void* _line_realloc(void* ctx, void* ptr, size_t new_size) noexcept nogil:
+    if ptr == NULL:
+        return _line_malloc(ctx, new_size)
+    cdef size_t cap = _capacity(<char*> ptr)
+    if new_size <= cap and cap - new_size <= new_size // 8:
+        return ptr
+    cdef void* q = _line_malloc(ctx, new_size)
+    if q != NULL:  # on failure the old block stays, as realloc's contract says
+        memcpy(q, ptr, cap if cap < new_size else new_size)
+        _line_free(ctx, ptr, cap)
+    return q
+
+
+def cached_output_blocks():
+    """(blocks, bytes) freed outputs kept for reuse (tests)."""
+    return _n_cached, _cached_bytes
 
 
 cdef PyDataMem_Handler _line_handlers[2]  # [1] advises huge pages
