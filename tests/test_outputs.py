@@ -1,6 +1,7 @@
 """Outputs the CPU core allocates: cache-line aligned from 64 KiB up to the size whose
 outputs are streamed (8 MiB), through NumPy's memory-handler API, with NumPy's huge-page
-advice from 4 MiB, and ordinary NumPy arrays in every way a user can see."""
+advice from 4 MiB and a small cache of freed blocks, and ordinary NumPy arrays in every way
+a user can see."""
 import pickle
 import sys
 
