@@ -1669,7 +1669,7 @@ cdef char* _take_cached(size_t size) noexcept nogil:
     cdef size_t cap
     cdef char* p = NULL
     _cache_lock.lock()
-    for i in range(_n_cached):
+    for i in range(_n_cached - 1, -1, -1):  # the newest of the best fits: the warmest
         cap = _capacity(_cached[i])
         if size <= cap and cap - size <= size // 8 and (best < 0 or cap < _capacity(_cached[best])):
             best = i

@@ -154,6 +154,10 @@ def test_freed_outputs_are_reused_within_bounds():
     assert blocks >= 1 and nbytes >= x.nbytes
     y = fbn.batch_norm(x, training=True, axis=-1)  # the same size: the freed block again
     assert y.ctypes.data == address
+    older = fbn.batch_norm(x, training=True, axis=-1)
+    newer_address = y.ctypes.data
+    del older, y  # of two fitting blocks, the one freed last comes back first
+    assert fbn.batch_norm(x, training=True, axis=-1).ctypes.data == newer_address
     many = [fbn.batch_norm(x, training=True, axis=-1) for _ in range(12)]
     del many
     blocks, nbytes = _bn_cpu.cached_output_blocks()
