@@ -199,7 +199,7 @@ print(faults_per_step(numpy_step), faults_per_step(training_step))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or sys.implementation.name != "cpython",
                     reason="glibc's mallopt, getrusage page faults")
-def test_outputs_do_not_fault_in_fresh_pages_when_malloc_maps_them():
+def test_outputs_do_not_fault_in_fresh_pages_when_malloc_maps_them(tmp_path):
     import subprocess
     try:
         import ctypes
@@ -207,7 +207,7 @@ def test_outputs_do_not_fault_in_fresh_pages_when_malloc_maps_them():
     except (OSError, AttributeError):
         pytest.skip("not glibc")
     run = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT], capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, cwd=tmp_path)  # the installed fastbn, not the source tree
     assert run.returncode == 0, run.stderr
     numpy_faults, fastbn_faults = map(float, run.stdout.split())
     assert numpy_faults > 300  # every 2 MiB array faults in its ~512 pages: the state holds
