@@ -1662,23 +1662,35 @@ cdef inline size_t _capacity(const char* p) noexcept nogil:
     return (<const size_t*> p)[-2]
 
 
-cdef char* _take_cached(size_t size) noexcept nogil:
-    """A cached block that holds size bytes, wasting at most an eighth of it; NULL if none."""
+cdef inline bint _fits(size_t size, size_t cap) noexcept nogil:
+    # a block of cap bytes serves size bytes wasting at most an eighth of them
+    return size <= cap and cap - size <= size // 8
+
+
+cdef char* _remove_cached(int i) noexcept nogil:
+    # cached block i out of the cache (the others keep their order, oldest first); the
+    # caller holds _cache_lock
     global _n_cached, _cached_bytes
+    cdef char* p = _cached[i]
+    for i in range(i, _n_cached - 1):
+        _cached[i] = _cached[i + 1]
+    _n_cached -= 1
+    _cached_bytes -= _capacity(p)
+    return p
+
+
+cdef char* _take_cached(size_t size) noexcept nogil:
+    """A cached block that fits size bytes; NULL if none."""
     cdef int i, best = -1
     cdef size_t cap
     cdef char* p = NULL
     _cache_lock.lock()
     for i in range(_n_cached - 1, -1, -1):  # the newest of the best fits: the warmest
         cap = _capacity(_cached[i])
-        if size <= cap and cap - size <= size // 8 and (best < 0 or cap < _capacity(_cached[best])):
+        if _fits(size, cap) and (best < 0 or cap < _capacity(_cached[best])):
             best = i
     if best >= 0:
-        p = _cached[best]
-        for i in range(best, _n_cached - 1):  # oldest first
-            _cached[i] = _cached[i + 1]
-        _n_cached -= 1
-        _cached_bytes -= _capacity(p)
+        p = _remove_cached(best)
     _cache_lock.unlock()
     return p
 
@@ -1731,12 +1743,8 @@ cdef void _line_free(void* ctx, void* ptr, size_t size) noexcept nogil:
         return
     _cache_lock.lock()
     while _n_cached == CACHED_BLOCKS or _cached_bytes + cap > CACHED_BYTES_MAX:
-        dropped[n_dropped] = _cached[0]
+        dropped[n_dropped] = _remove_cached(0)
         n_dropped += 1
-        _cached_bytes -= _capacity(_cached[0])
-        for i in range(_n_cached - 1):
-            _cached[i] = _cached[i + 1]
-        _n_cached -= 1
     _cached[_n_cached] = p
     _n_cached += 1
     _cached_bytes += cap
@@ -1749,7 +1757,7 @@ cdef void* _line_realloc(void* ctx, void* ptr, size_t new_size) noexcept nogil:
     if ptr == NULL:
         return _line_malloc(ctx, new_size)
     cdef size_t cap = _capacity(<char*> ptr)
-    if new_size <= cap and cap - new_size <= new_size // 8:
+    if _fits(new_size, cap):
         return ptr
     cdef void* q = _line_malloc(ctx, new_size)
     if q != NULL:  # on failure the old block stays, as realloc's contract says
