@@ -150,11 +150,13 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     void finish_statistics_nlc[T](const T* dtype_tag, idx n_chunks, idx C, const double* counts,
                                   const double* means, const double* m2s, double eps,
                                   const double* weight, const double* bias, double* mean,
-                                  double* var, double* invstd, void* buf)
+                                  double* var, double* invstd, void* buf, idx b0, idx b1)
     void finish_backward_sums_nlc[T](const T* dtype_tag, idx n_chunks, idx C, const double* pd,
                                      const double* pq, const double* mean, const double* invstd,
                                      const double* weight, double m, bint frozen, double* sdy,
-                                     double* sxmu, void* buf)
+                                     double* sxmu, void* buf, idx b0, idx b1)
+    idx finish_blocks(idx C)
+    void team_barrier()
     void prepare_channel_constants[T](const T* dtype_tag, idx C, idx group, const double* mean, const double* p0,
                                       const double* p1, const double* p2, void* buf)
     void normalize_nlc[T](const T* x, T* y, idx srx, idx sry, idx C, idx r0, idx r1,
@@ -858,6 +860,30 @@ cdef inline void _normalize_nc_items(const data_t* x, data_t* y, idx sox, idx sc
                      weight[c] * invstd[c], bias[c], e, c)
 
 
+cdef inline void _train_nlc_team(const data_t* x, data_t* y, idx sox, idx soy, NLCGrid gl,
+                                 double eps, const double* weight, const double* bias,
+                                 double* mean, double* var, double* invstd, double* parts,
+                                 double* consts, Epilogue e, bint spread_ahead) noexcept nogil:
+    # channels-last training forward by each thread of a parallel block (or one thread
+    # alone), as _backward_nlc_team: its row chunks' moments (parts as _moments_nlc_parts),
+    # its share of the channels' statistics and constants, then it normalizes the chunks it
+    # reduced, walking back (the rows it read most recently are still in its cache)
+    cdef idx C = gl.channels, nb = finish_blocks(C)
+    cdef double* pm = parts + gl.n_chunks
+    cdef double* pq = pm + C * gl.n_chunks
+    cdef double* scratch = <double*> ((<size_t> (pq + C * gl.n_chunks) + 63) & ~(<size_t> 63))
+    _chunk_moments_nlc_items(x, sox, gl, parts,
+                             scratch + _thread_scratch_stride(C) * omp_get_thread_num(),
+                             spread_ahead, _team_start(gl.n_chunks, 0), _team_start(gl.n_chunks, 1))
+    team_barrier()
+    finish_statistics_nlc(x, gl.n_chunks, C, parts, pm, pq, eps, weight, bias, mean, var, invstd,
+                          consts, _finish_share(nb, gl.n_chunks, 0),
+                          _finish_share(nb, gl.n_chunks, 1))
+    team_barrier()
+    _normalize_nlc_chunks(x, y, sox, soy, gl, consts, e, True, _team_start(gl.n_chunks, 0),
+                          _team_start(gl.n_chunks, 1))
+
+
 cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray y3,
                          const double* weight, const double* bias, double eps,
                          double* mean, double* var, double* invstd, double* parts,
@@ -886,12 +912,14 @@ cdef void _train_forward(const data_t* x, data_t* y, cnp.ndarray x3, cnp.ndarray
                 finalize_channels(C, &count, 0, eps, var, invstd, weight, parts)
                 prepare_channel_constants(x, C, group, mean, parts, bias, NULL, consts)
             else:
-                _moments_nlc_parts(x, sox, gl, parts, n_threads, spread_ahead)
-                finish_statistics_nlc(x, gl.n_chunks, C, parts, parts + gl.n_chunks,
-                                      parts + gl.n_chunks + C * gl.n_chunks, eps, weight, bias,
-                                      mean, var, invstd, consts)
-            # each thread normalizes the chunks it reduced, walking back: the rows it read
-            # most recently are still in its own cache
+                if n_threads == 1:
+                    _train_nlc_team(x, y, sox, soy, gl, eps, weight, bias, mean, var, invstd,
+                                    parts, consts, e, spread_ahead)
+                else:
+                    with parallel(num_threads=n_threads):
+                        _train_nlc_team(x, y, sox, soy, gl, eps, weight, bias, mean, var, invstd,
+                                        parts, consts, e, spread_ahead)
+                return
             _normalize_nlc(x, y, sox, soy, gl, consts, e, True, n_threads)
             return
         g = nc_grid(outer, inner)
@@ -1142,6 +1170,40 @@ cdef inline void _apply_nlc_chunks_back(const data_t* dy, const data_t* x, data_
                                  _rows_end(gl, kk), consts, frozen, act)
 
 
+cdef inline idx _finish_share(idx nb, idx n_chunks, int next) noexcept nogil:
+    # in a parallel block: the first of nb channel blocks of the serial steps for this
+    # thread (next=0) or the next one (next=1), split over the threads that have row chunks
+    # (the others would fetch partials from another core's cache and hand their constants
+    # back across; with one chunk, one thread does it all)
+    cdef int workers = <int> min(<idx> omp_get_num_threads(), n_chunks)
+    cdef int t = omp_get_thread_num() + next
+    if workers < 1:
+        return 0
+    return _static_start(nb, workers, min(t, workers))
+
+
+cdef inline void _backward_nlc_team(const data_t* dy, const data_t* x, data_t* dx, idx sog,
+                                    idx sox, idx sod, NLCGrid gl, const double* mean,
+                                    const double* invstd, const double* weight, double m,
+                                    bint frozen, double* sdy, double* sxmu, double* parts,
+                                    double* consts, Activation act,
+                                    bint spread_ahead) noexcept nogil:
+    # channels-last backward by each thread of a parallel block (or one thread alone): its
+    # row chunks' sums, then its share of the channels' constants (finish_backward_sums_nlc
+    # in blocks), then dx over its chunks, most recent first (its cache); team barriers
+    # between the steps, where a block per step had the serial step run on one thread
+    cdef idx C = gl.channels, nb = finish_blocks(C)
+    _chunk_sums_nlc_items(dy, x, sog, sox, gl, mean, parts, act, spread_ahead,
+                          _team_start(gl.n_chunks, 0), _team_start(gl.n_chunks, 1))
+    team_barrier()
+    finish_backward_sums_nlc(dy, gl.n_chunks, C, parts, parts + C * gl.n_chunks, mean, invstd,
+                             weight, m, frozen, sdy, sxmu, consts,
+                             _finish_share(nb, gl.n_chunks, 0), _finish_share(nb, gl.n_chunks, 1))
+    team_barrier()
+    _apply_nlc_chunks_back(dy, x, dx, sog, sox, sod, gl, consts, frozen, act,
+                           _team_start(gl.n_chunks, 0), _team_start(gl.n_chunks, 1))
+
+
 cdef void _apply_nlc(const data_t* dy, const data_t* x, data_t* dx, idx sog, idx sox, idx sod,
                      NLCGrid gl, const double* consts, bint frozen, Activation act,
                      int n_threads) noexcept nogil:
@@ -1287,10 +1349,13 @@ cdef void _backward(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray d
         spread_ahead = _sums_spread_ahead(dy3, x3)
         with nogil:
             gl = nlc_grid(outer, C)
-            _sums_nlc_parts(dy, x, sog, sox, gl, mean, parts, act, spread_ahead, n_threads)
-            finish_backward_sums_nlc(dy, gl.n_chunks, C, parts, parts + C * gl.n_chunks, mean,
-                                     invstd, weight, m, frozen, sdy, sxmu, consts)
-            _apply_nlc(dy, x, dx, sog, sox, sod, gl, consts, frozen, act, n_threads)
+            if n_threads == 1:
+                _backward_nlc_team(dy, x, dx, sog, sox, sod, gl, mean, invstd, weight, m, frozen,
+                                   sdy, sxmu, parts, consts, act, spread_ahead)
+            else:
+                with parallel(num_threads=n_threads):
+                    _backward_nlc_team(dy, x, dx, sog, sox, sod, gl, mean, invstd, weight, m,
+                                       frozen, sdy, sxmu, parts, consts, act, spread_ahead)
         return
     _backward_sums(dy, x, dy3, x3, mean, act, sdy, sxmu, parts, ext, n_threads, group)
     backward_coefficients_all(C, sdy, sxmu, invstd, weight, m, frozen, ka, kb, kc)

@@ -2214,18 +2214,31 @@ FASTBN_CLONES void prepare_channel_constants(const T* /*dtype_tag*/, idx C, idx 
 // with this build called first); training forward unchanged within the noise.
 static const idx FINISH_BLOCK = 256;
 
+// Blocks of FINISH_BLOCK channels in C: the units the threads split the serial steps into
+// (each channel's expressions are its own, so the same bits however they are split).
+inline idx finish_blocks(idx C) { return (C + FINISH_BLOCK - 1) / FINISH_BLOCK; }
+
+// A barrier of the enclosing OpenMP team (the parallel blocks of _bn_cpu.pyx): between the
+// passes of one parallel block instead of ending the block, running the serial step on one
+// thread and starting another. Nothing without OpenMP.
+inline void team_barrier() {
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+}
+
 // Training forward: the chunk partials (counts, then means and M2s at k*C) merged in chunk
 // order (merge_chunks_nlc), finalized (finalize_channels: OUT mean, var (biased), invstd)
 // and the normalize pass's constants (prepare_channel_constants(mean, weight * invstd,
-// bias)) in buf.
+// bias)) in buf; channel blocks [b0, b1) of finish_blocks(C).
 template <class T>
 FASTBN_CLONES void finish_statistics_nlc(const T* /*dtype_tag*/, idx n_chunks, idx C, const double* counts,
                                          const double* means, const double* m2s, double eps, const double* weight,
                                          const double* bias, double* mean, double* var, double* invstd,
-                                         void* buf) {
+                                         void* buf, idx b0, idx b1) {
     typedef typename compute_of<T>::type CT;
     double scale[FINISH_BLOCK];
-    for (idx c0 = 0; c0 < C; c0 += FINISH_BLOCK) {
+    for (idx c0 = b0 * FINISH_BLOCK; c0 < C && c0 < b1 * FINISH_BLOCK; c0 += FINISH_BLOCK) {
         const idx n = C - c0 < FINISH_BLOCK ? C - c0 : FINISH_BLOCK;
         const double count = merge_chunks_range(n_chunks, C, c0, n, counts, means, m2s, mean + c0, var + c0);
         finalize_range(n, &count, 0, eps, var + c0, invstd + c0, weight + c0, scale);
@@ -2235,15 +2248,16 @@ FASTBN_CLONES void finish_statistics_nlc(const T* /*dtype_tag*/, idx n_chunks, i
 
 // Backward: the chunk partials (sum(g) at pd + k*C, sum(g*(x - mean)) at pq + k*C) added in
 // chunk order (fold_chunk_sums: OUT sdy, sxmu), the coefficients (backward_coefficients_all)
-// and the dx pass's constants (prepare_channel_constants(mean, a, b, c)) in buf.
+// and the dx pass's constants (prepare_channel_constants(mean, a, b, c)) in buf; channel
+// blocks [b0, b1) of finish_blocks(C).
 template <class T>
 FASTBN_CLONES void finish_backward_sums_nlc(const T* /*dtype_tag*/, idx n_chunks, idx C, const double* pd,
                                             const double* pq, const double* mean, const double* invstd,
                                             const double* weight, double m, bool frozen, double* sdy,
-                                            double* sxmu, void* buf) {
+                                            double* sxmu, void* buf, idx b0, idx b1) {
     typedef typename compute_of<T>::type CT;
     double ka[FINISH_BLOCK], kb[FINISH_BLOCK], kc[FINISH_BLOCK];
-    for (idx c0 = 0; c0 < C; c0 += FINISH_BLOCK) {
+    for (idx c0 = b0 * FINISH_BLOCK; c0 < C && c0 < b1 * FINISH_BLOCK; c0 += FINISH_BLOCK) {
         const idx n = C - c0 < FINISH_BLOCK ? C - c0 : FINISH_BLOCK;
         fold_chunk_sums_range(n_chunks, C, c0, n, pd, pq, sdy + c0, sxmu + c0);
         backward_coefficients_range(n, sdy + c0, sxmu + c0, invstd + c0, weight + c0, m, frozen, ka, kb, kc);

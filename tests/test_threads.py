@@ -20,9 +20,12 @@ def _always_parallel():
 
 # odd sizes; shapes with many chunks (so several threads share a channel) and few channels;
 # a wide channels-last batch of few rows (short blocks, channel tiles with a tail); short
-# rows walked as channels-last columns, in many chunks of rows
+# rows walked as channels-last columns, in many chunks of rows; wide channels-last rows
+# whose serial steps the threads split by blocks of channels: in fewer row chunks than
+# threads (3 chunks, 9 blocks) and in one chunk
 SHAPES = [((97, 3, 1001), 1), ((5, 2, 70001), 1), ((40000, 3), -1), ((64, 9, 101), 1),
-          ((8, 33, 17, 5), -1), ((3, 500, 7), 1), ((70, 1100), -1), ((3000, 9, 5), 1)]
+          ((8, 33, 17, 5), -1), ((3, 500, 7), 1), ((70, 1100), -1), ((3000, 9, 5), 1),
+          ((20, 2100), -1), ((12, 1500), -1)]
 
 
 def _all_outputs(x, axis):
