@@ -650,6 +650,30 @@ FASTBN_INLINE void sweep_asking_ahead(idx c0, idx c1, idx line, const Ask& ask, 
     }
 }
 
+// What a sweep of four rows asks for at each of its steps (a line of its rows): the
+// SPREAD_ROWS rows after its own, elements [c0, c1) of each (first: the first of them,
+// stride s), in memory order -- row after row, SPREAD_ROWS lines a step, so that the whole
+// next sweep has been asked for when this one ends. Asked for column by column (a line of
+// each of the four rows per step), memory saw four streams per array, 8 KB apart; in
+// order it sees one. Cold, 2 threads, builds called in turn, both orders: (256, 2048)
+// float32 backward sums 0.104-0.106 -> 0.098-0.099 ms, backward 0.137-0.140 ->
+// 0.132-0.135 ms. Same bits (prefetches only).
+template <class T> struct RowsInOrder {
+    const T* row;
+    idx s, c0, c1, c;
+    FASTBN_INLINE RowsInOrder(const T* first, idx s_, idx c0_, idx c1_) : row(first), s(s_), c0(c0_), c1(c1_), c(c0_) {}
+    FASTBN_INLINE void ask() {
+        for (idx k = 0; k < SPREAD_ROWS; ++k) {
+            if (c >= c1) {
+                row += s;
+                c = c0;
+            }
+            __builtin_prefetch(row + c, 0, 3);
+            c += 64 / (idx)sizeof(T);
+        }
+    }
+};
+
 // Moments of one chunk of a channel. Long rows: each block streams ahead within its row
 // (merge_block's stream_ahead; cold (32,64,56,56) training forward, 2 threads: 1.67-2.04
 // -> 1.58-1.87 ms), and the row's last block asks for the next row's first one.
@@ -2056,8 +2080,9 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
                     }
                 };
                 if (spread && rr + 4 + SPREAD_ROWS <= r1) {
-                    sweep_asking_ahead(c_begin, C, 64 / (idx)sizeof(T), [&](idx c) FASTBN_LAMBDA_INLINE {
-                        for (idx q = 4; q < 4 + SPREAD_ROWS; ++q) __builtin_prefetch(x0 + q * sr + c, 0, 3);
+                    RowsInOrder<T> next_x(x0 + 4 * sr, sr, c_begin, C);
+                    sweep_asking_ahead(c_begin, C, 64 / (idx)sizeof(T), [&](idx) FASTBN_LAMBDA_INLINE {
+                        next_x.ask();
                     }, channels);
                     continue;
                 }
@@ -2413,11 +2438,10 @@ FASTBN_INLINE void normalize_four_rows_to(const T* x, T* y, idx srx, idx sry, co
 template <class T>
 FASTBN_INLINE void normalize_four_rows_asking_ahead(const T* x, T* y, idx srx, idx sry, const T* res, idx srr,
                                                     bool relu, idx C, const void* buf) {
-    sweep_asking_ahead(0, C, 64 / (idx)sizeof(T), [&](idx c) FASTBN_LAMBDA_INLINE {
-        for (idx q = 4; q < 4 + SPREAD_ROWS; ++q) {
-            __builtin_prefetch(x + q * srx + c, 0, 3);
-            if (res) __builtin_prefetch(res + q * srr + c, 0, 3);
-        }
+    RowsInOrder<T> next_x(x + 4 * srx, srx, 0, C), next_res(res ? res + 4 * srr : x, srr, 0, C);
+    sweep_asking_ahead(0, C, 64 / (idx)sizeof(T), [&](idx) FASTBN_LAMBDA_INLINE {
+        next_x.ask();
+        if (res) next_res.ask();
     }, [&](idx ca, idx cb) FASTBN_LAMBDA_INLINE {
         T* y0 = y + ca;
         if (res) {
@@ -2897,12 +2921,12 @@ FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, 
                 }
             };
             if (spread && r + 4 + SPREAD_ROWS <= r1) {
-                sweep_asking_ahead(0, n, line, [&](idx c) FASTBN_LAMBDA_INLINE {
-                    for (idx q = 4; q < 4 + SPREAD_ROWS; ++q) {
-                        __builtin_prefetch(g0 + q * srdy + c, 0, 3);
-                        __builtin_prefetch(x0 + q * srx + c, 0, 3);
-                        if (MASK) __builtin_prefetch(y0 + q * sry + c, 0, 3);
-                    }
+                RowsInOrder<T> next_g(g0 + 4 * srdy, srdy, 0, n), next_x(x0 + 4 * srx, srx, 0, n);
+                RowsInOrder<T> next_y(MASK ? y0 + 4 * sry : g0, sry, 0, n);
+                sweep_asking_ahead(0, n, line, [&](idx) FASTBN_LAMBDA_INLINE {
+                    next_g.ask();
+                    next_x.ask();
+                    if (MASK) next_y.ask();
                 }, channels);
             } else {
                 channels(0, n);
