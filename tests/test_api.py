@@ -615,20 +615,21 @@ def test_spread_requests_in_wide_backward_sums_give_the_same_bits(dtype, relu):
     _same_bits_both_ways(outputs, {}, dict(spread_ahead_min_bytes=NEVER))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("epilogue", ["plain", "residual-relu"])
 @pytest.mark.parametrize("rows", ["contiguous", "strided"])
-def test_spread_requests_in_wide_forward_passes_give_the_same_bits(epilogue, rows):
-    """Statistics, training forward and inference over large float32 inputs ask for the next
-    rows a line at a time (wide channels-last rows, bn_kernels.hpp sweep_asking_ahead); the
-    bits are those of the whole-row requests, and the values those of the reference. 9
-    chunks of rows (the last one short), rows of 1100 channels (4400 B), and a view of
-    every row's first 1100 of 1300 channels."""
-    whole = make_data((64 * 8 + 37, 1300 if rows == "strided" else 1100), np.float32, seed=33)
+def test_spread_requests_in_wide_forward_passes_give_the_same_bits(epilogue, rows, dtype):
+    """Statistics, training forward and inference over large float32 and float64 inputs ask
+    for the next rows as the sweeps go (wide channels-last rows, bn_kernels.hpp
+    sweep_asking_ahead, RowsInOrder); the bits are those of the whole-row requests, and the
+    values those of the reference. 9 chunks of rows (the last one short), rows of 1100
+    channels (4400 or 8800 B), and a view of every row's first 1100 of 1300 channels."""
+    whole = make_data((64 * 8 + 37, 1300 if rows == "strided" else 1100), dtype, seed=33)
     x = whole[:, :1100]
     C = x.shape[1]
-    rm, rv = make_data((C,), np.float32, seed=34), 1.0 + np.abs(make_data((C,), np.float32, seed=35))
-    w, b = make_data((C,), np.float32, seed=36), make_data((C,), np.float32, seed=37)
-    fused = dict(activation="relu", residual=make_data(x.shape, np.float32, seed=38)) \
+    rm, rv = make_data((C,), dtype, seed=34), 1.0 + np.abs(make_data((C,), dtype, seed=35))
+    w, b = make_data((C,), dtype, seed=36), make_data((C,), dtype, seed=37)
+    fused = dict(activation="relu", residual=make_data(x.shape, dtype, seed=38)) \
         if epilogue == "residual-relu" else {}
 
     def outputs():
