@@ -2064,7 +2064,7 @@ FASTBN_CLONES double chunk_moments_nlc(const T* x, idx sr, NLCGrid g, idx r0, id
             const T* __restrict__ xk = x + r * sr;
             idx rr = r, rend = r + nb_rows;
             const idx c_begin = block_sums_nlc_in_tiles(x, sr, C, r, rend, r1, ahead, bs, bq);
-            const bool spread = std::is_floating_point<T>::value && spread_ahead && C * (idx)sizeof(T) >= 4096;
+            const bool spread = std::is_floating_point<T>::value && spread_ahead && C * (idx)sizeof(T) >= 512;
             for (idx c = c_begin; c < C; ++c) { bs[c] = 0; bq[c] = 0; }
             for (; rr + 4 <= rend && c_begin < C; rr += 4) {
                 const T* __restrict__ x0 = x + rr * sr;
@@ -2865,7 +2865,15 @@ FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, 
         sums_rows_nlc_half<MASK>(dy, x, y, srdy, srx, sry, C, r0, r1, mean, sdy, sxmu);
         return;
     }
-    const idx c0 = sums_rows_nlc_in_tiles<T, MASK>(dy, x, y, srdy, srx, sry, C, r0, r1, mean, sdy, sxmu);
+    // float32 rows of 256 B+ (64+ channels) of arrays that are not cache-resident skip the
+    // register tiles: the four-row sweeps below, asking for the next rows in memory order
+    // (RowsInOrder), came from memory faster. Cold, 2 threads, builds called in turn, both
+    // orders: backward sums (100352, 64) 1.26-1.27 -> 1.08-1.11 ms, backward 2.43-2.50 ->
+    // 2.23-2.32 ms; (4096, 256) backward 0.297-0.299 -> 0.262-0.264, (8192, 128) 0.295-0.296
+    // -> 0.262; rows of 128 B ((200704, 32)) were 10 % slower that way and keep the tiles.
+    // The same bits: the tiles add a channel's terms in the same order.
+    const bool in_order = std::is_same<T, float>::value && spread_ahead && C * (idx)sizeof(T) >= 256;
+    const idx c0 = in_order ? 0 : sums_rows_nlc_in_tiles<T, MASK>(dy, x, y, srdy, srx, sry, C, r0, r1, mean, sdy, sxmu);
     if (c0 < C) {
         const idx n = C - c0;
         const T* dyt = dy + c0;
@@ -2879,14 +2887,15 @@ FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, 
         // four rows per sweep over the channels: a quarter of the accumulator loads and
         // stores; a channel's terms are still added a pair of rows at a time, in row
         // order, so the bits are those of two-row sweeps
-        // float32 rows of 4 KB+ of arrays that are not cache-resident (spread_ahead) ask
-        // for the next sweep's rows a line at a time as the sweep goes, instead of whole
-        // rows at its start (a burst of 128+ requests per row). Builds called in turn, cold,
-        // 2 threads: (256,2048) backward 0.168-0.176 -> 0.161-0.168 ms (0.170 -> 0.165 with
-        // the new build called first), (512,1024) 0.165 -> 0.160, (64,16384) 0.627 ->
-        // 0.600; float64 rows were slower that way ((256,2048) 0.338-0.352 -> 0.364-0.371);
-        // hot (32,2048), below the size: unchanged. Same bits.
-        const bool spread = std::is_same<T, float>::value && spread_ahead && n * (idx)sizeof(T) >= 4096;
+        // float32 rows of arrays that are not cache-resident (in_order) ask for the next
+        // sweep's rows as the sweep goes (RowsInOrder), instead of whole rows at its start
+        // (a burst of 128+ requests per row). Builds called in turn, cold, 2 threads, when
+        // the requests went a line of each row per step: (256,2048) backward 0.168-0.176 ->
+        // 0.161-0.168 ms, (512,1024) 0.165 -> 0.160, (64,16384) 0.627 -> 0.600; float64 rows
+        // were slower that way ((256,2048) 0.338-0.352 -> 0.364-0.371) and within 2 % in
+        // memory order, so they do not ask; hot (32,2048), below the size: unchanged.
+        // Same bits.
+        const bool spread = in_order;
         const idx line = 64 / (idx)sizeof(T);
         for (; r + 4 <= r1; r += 4) {
             if (!spread)
