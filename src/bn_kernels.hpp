@@ -656,8 +656,9 @@ FASTBN_INLINE void sweep_asking_ahead(idx c0, idx c1, idx line, const Ask& ask, 
 // next sweep has been asked for when this one ends. Asked for column by column (a line of
 // each of the four rows per step), memory saw four streams per array, 8 KB apart; in
 // order it sees one. Cold, 2 threads, builds called in turn, both orders: (256, 2048)
-// float32 backward sums 0.104-0.106 -> 0.098-0.099 ms, backward 0.137-0.140 ->
-// 0.132-0.135 ms. Same bits (prefetches only).
+// float32 backward sums 0.104-0.106 -> 0.093-0.094 ms, backward 0.137-0.140 ->
+// 0.127-0.133 ms, statistics 0.054-0.055 -> 0.051, inference 0.053-0.054 -> 0.049 (more in
+// the README). Same bits (prefetches only).
 template <class T> struct RowsInOrder {
     const T* row;
     idx s, c0, c1, c;

@@ -596,11 +596,15 @@ def test_streaming_stores_give_the_same_bits(shape, axis):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("relu", [False, True])
-def test_spread_requests_in_wide_backward_sums_give_the_same_bits(dtype, relu):
-    """Backward sums over large inputs ask for the next rows a line at a time (wide float32
-    channels-last rows); the bits (dx, and the float64 sums) are those of the whole-row
-    requests. 9 chunks of rows (the last one short), rows of 1100 channels (4400 B)."""
-    x = make_data((64 * 8 + 37, 1100), dtype, seed=31)
+@pytest.mark.parametrize("channels", [1100, 100])
+def test_spread_requests_in_wide_backward_sums_give_the_same_bits(dtype, relu, channels):
+    """Backward sums over large inputs ask for the next rows as the sweeps go (float32
+    channels-last rows of 256 B+, RowsInOrder; narrower than 513 channels they leave the
+    register tiles for it); the bits (dx, and the float64 sums) are those of the whole-row
+    requests and the tiles. Rows of 1100 channels (4400 B; 9 chunks of rows, the last one
+    short) and of 100 (400 B, 1.6 MB an array)."""
+    rows = 64 * 8 + 37 if channels == 1100 else 4096 + 37
+    x = make_data((rows, channels), dtype, seed=31)
     dy = make_data(x.shape, dtype, seed=32)
     y = fbn.batch_norm(x, training=True, activation="relu") if relu else None
     act = dict(activation="relu", y=y) if relu else {}
