@@ -1174,11 +1174,9 @@ cdef inline idx _finish_share(idx nb, idx n_chunks, int next) noexcept nogil:
     # in a parallel block: the first of nb channel blocks of the serial steps for this
     # thread (next=0) or the next one (next=1), split over the threads that have row chunks
     # (the others would fetch partials from another core's cache and hand their constants
-    # back across; with one chunk, one thread does it all)
-    cdef int workers = <int> min(<idx> omp_get_num_threads(), n_chunks)
+    # back across; with one chunk, or none (an empty batch: zero sums), thread 0 does it all)
+    cdef int workers = <int> min(<idx> omp_get_num_threads(), max(n_chunks, <idx> 1))
     cdef int t = omp_get_thread_num() + next
-    if workers < 1:
-        return 0
     return _static_start(nb, workers, min(t, workers))
 
 

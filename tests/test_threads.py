@@ -227,3 +227,20 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("shape", [(0, 1100), (0, 3), (0, 7, 9)])
+def test_empty_batch_backward_on_any_number_of_threads(shape):
+    """An empty channels-last batch has no row chunks; the step between its passes (zero
+    sums, the coefficients) still runs, on one thread, for every team size: the weight
+    and bias gradients are zero, not whatever the scratch held."""
+    C = shape[-1]
+    x = np.zeros(shape, np.float32)
+    dy = np.zeros(shape, np.float32)
+    mean, invstd, w = np.zeros(C), np.ones(C), np.ones(C, np.float32)
+    for n in (1, 2, 4):
+        fbn.set_num_threads(n)
+        dx, dw, db = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=-1)
+        assert dx.shape == shape
+        np.testing.assert_array_equal(dw, np.zeros(C, np.float32))
+        np.testing.assert_array_equal(db, np.zeros(C, np.float32))
