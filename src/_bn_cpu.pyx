@@ -618,16 +618,22 @@ cdef void _moments_nlc_parts(const data_t* x, idx sr, NLCGrid g, double* parts, 
     # IN x (rows, C); OUT parts: n_chunks counts, then the chunks' means and M2s (C each,
     # chunk k at k*C), then a cache-line-aligned scratch of _thread_scratch_stride(C) per
     # thread
-    cdef idx C = g.channels
-    cdef double* pq = parts + g.n_chunks + C * g.n_chunks
-    cdef double* scratch = <double*> ((<size_t> (pq + C * g.n_chunks) + 63) & ~(<size_t> 63))
-    cdef idx stride = _thread_scratch_stride(C)
     if n_threads == 1:
-        _chunk_moments_nlc_items(x, sr, g, parts, scratch, spread_ahead, 0, g.n_chunks)
+        _chunk_moments_nlc_items(x, sr, g, parts, _thread_scratch(parts, g), spread_ahead, 0,
+                                 g.n_chunks)
     else:
         with parallel(num_threads=n_threads):
-            _chunk_moments_nlc_items(x, sr, g, parts, scratch + stride * threadid(), spread_ahead,
+            _chunk_moments_nlc_items(x, sr, g, parts, _thread_scratch(parts, g), spread_ahead,
                                      _team_start(g.n_chunks, 0), _team_start(g.n_chunks, 1))
+
+
+cdef inline double* _thread_scratch(double* parts, NLCGrid g) noexcept nogil:
+    # the calling thread's scratch in _moments_nlc_parts's parts (thread 0's outside a
+    # parallel block): past the chunks' partials, cache-line aligned, one
+    # _thread_scratch_stride(C) per thread
+    cdef double* end = parts + g.n_chunks + 2 * g.channels * g.n_chunks
+    cdef double* scratch = <double*> ((<size_t> end + 63) & ~(<size_t> 63))
+    return scratch + _thread_scratch_stride(g.channels) * omp_get_thread_num()
 
 
 cdef void _moments_nlc(const data_t* x, idx sr, NLCGrid g, double* counts, double* mean,
@@ -871,10 +877,8 @@ cdef inline void _train_nlc_team(const data_t* x, data_t* y, idx sox, idx soy, N
     cdef idx C = gl.channels, nb = finish_blocks(C)
     cdef double* pm = parts + gl.n_chunks
     cdef double* pq = pm + C * gl.n_chunks
-    cdef double* scratch = <double*> ((<size_t> (pq + C * gl.n_chunks) + 63) & ~(<size_t> 63))
-    _chunk_moments_nlc_items(x, sox, gl, parts,
-                             scratch + _thread_scratch_stride(C) * omp_get_thread_num(),
-                             spread_ahead, _team_start(gl.n_chunks, 0), _team_start(gl.n_chunks, 1))
+    _chunk_moments_nlc_items(x, sox, gl, parts, _thread_scratch(parts, gl), spread_ahead,
+                             _team_start(gl.n_chunks, 0), _team_start(gl.n_chunks, 1))
     team_barrier()
     finish_statistics_nlc(x, gl.n_chunks, C, parts, pm, pq, eps, weight, bias, mean, var, invstd,
                           consts, _finish_share(nb, gl.n_chunks, 0),

@@ -2896,10 +2896,9 @@ FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, 
         // were slower that way ((256,2048) 0.338-0.352 -> 0.364-0.371) and within 2 % in
         // memory order, so they do not ask; hot (32,2048), below the size: unchanged.
         // Same bits.
-        const bool spread = in_order;
         const idx line = 64 / (idx)sizeof(T);
         for (; r + 4 <= r1; r += 4) {
-            if (!spread)
+            if (!in_order)
                 for (idx j = 1; j < 4; j += 2) {
                     prefetch_ahead_nlc(dyt, srdy, n, r + j, r1, ahead);
                     prefetch_ahead_nlc(xt, srx, n, r + j, r1, ahead);
@@ -2931,7 +2930,7 @@ FASTBN_INLINE void sums_rows_nlc(const T* dy, const T* x, const T* y, idx srdy, 
                     qt[c] = sq;
                 }
             };
-            if (spread && r + 4 + SPREAD_ROWS <= r1) {
+            if (in_order && r + 4 + SPREAD_ROWS <= r1) {
                 RowsInOrder<T> next_g(g0 + 4 * srdy, srdy, 0, n), next_x(x0 + 4 * srx, srx, 0, n);
                 RowsInOrder<T> next_y(MASK ? y0 + 4 * sry : g0, sry, 0, n);
                 sweep_asking_ahead(0, n, line, [&](idx) FASTBN_LAMBDA_INLINE {
