@@ -7,7 +7,9 @@ every kernel ran, so a failing call changes nothing.
 
 The plain call of batch_norm, batch_norm_forward and batch_norm_backward (NumPy arrays,
 C-contiguous data of one float dtype, float32/float64 (C,) parameters, Python float
-momentum and eps, no out=; fused ReLU and residual included) first goes to the compiled
+momentum and eps, out= where the kernels can write it directly (C-contiguous, writable,
+each input the very same array or apart from it); fused ReLU and residual included)
+first goes to the compiled
 core's ``plain_*`` functions (fastbn._bn_cpu, "plain calls"): they accept only what these
 checks accept, run the same kernels on the same float64 parameters, and return None for
 anything else, which then takes the path below. Their point is a call's fixed cost: after
@@ -448,14 +450,14 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None,
     >>> bool(y_relu.min() == 0)
     True
     """
-    if _PLAIN_CALLS and out is None and _ENV_KEY not in _ENV_DATA:
+    if _PLAIN_CALLS and _ENV_KEY not in _ENV_DATA:
         if training is True:
             y = _bn_cpu.plain_train(x, weight, bias, running_mean, running_var, momentum, eps,
-                                    axis, activation, residual, False)
+                                    axis, activation, residual, False, out)
         else:
             y = None if training is not False else _bn_cpu.plain_inference(
                 x, running_mean, running_var, weight, bias, momentum, eps, axis, activation,
-                residual)
+                residual, out)
         if y is not None:
             return y
     name, backend = backend_for(x, running_mean, running_var, weight, bias, out, residual)
@@ -524,9 +526,9 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     >>> y.shape, mean.dtype, invstd.shape
     ((16, 3, 5), dtype('float32'), (3,))
     """
-    if _PLAIN_CALLS and out is None and _ENV_KEY not in _ENV_DATA:
+    if _PLAIN_CALLS and _ENV_KEY not in _ENV_DATA:
         result = _bn_cpu.plain_train(x, weight, bias, running_mean, running_var, momentum, eps,
-                                     axis, activation, residual, True)
+                                     axis, activation, residual, True, out)
         if result is not None:
             return result
     name, backend = backend_for(x, weight, bias, running_mean, running_var, out, residual)
@@ -594,9 +596,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis
     >>> bool(np.abs(dx).max() < 1e-12), db  # a constant gradient does not reach x
     (True, array([32., 32., 32.]))
     """
-    if _PLAIN_CALLS and out is None and _ENV_KEY not in _ENV_DATA:
+    if _PLAIN_CALLS and _ENV_KEY not in _ENV_DATA:
         result = _bn_cpu.plain_backward(dy, x, mean, invstd, weight, training, axis, activation,
-                                        y, return_residual_grad)
+                                        y, return_residual_grad, out)
         if result is not None:
             return result
     _, backend = backend_for(dy, x, mean, invstd, weight, out, y)

@@ -1500,8 +1500,8 @@ cdef void _update_running(cnp.ndarray running_mean, cnp.ndarray running_var, con
 
 # ------------------------------------------------------------------------ plain calls
 # The common call -- NumPy arrays, C-contiguous data of one dtype, float32/float64 (C,)
-# parameters, Python float momentum and eps, no out= (fused ReLU and residual included) --
-# checked and run here in compiled code. After a pass over tens of MB nothing of a call's
+# parameters, Python float momentum and eps, out= that the kernels can write directly
+# (fused ReLU and residual included) -- checked and run here in compiled code. After a pass over tens of MB nothing of a call's
 # Python code is cached, and every bytecode and NumPy object the argument checks touch is
 # a miss: in benchmarks/compare.py's interleaved loop the checks of fastbn._api cost ~25
 # us of a (256, 2048) backward and ~4 us of a (16, 32, 8, 8) training call. These
@@ -1604,6 +1604,31 @@ cdef bint _plain_running(object rm, object rv, idx C) noexcept:
     cdef char* pv = <char*> cnp.PyArray_DATA(<cnp.ndarray> rv)
     cdef idx n = cnp.PyArray_NBYTES(<cnp.ndarray> rm)
     return pm + n <= pv or pv + n <= pm
+
+
+cdef bint _apart_or_same(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Plain arrays of one shape and dtype: the very same view (the same first byte) or no
+    byte in common."""
+    cdef char* pa = <char*> cnp.PyArray_DATA(a)
+    cdef char* pb = <char*> cnp.PyArray_DATA(b)
+    cdef idx n = cnp.PyArray_NBYTES(a)
+    return pa == pb or pa + n <= pb or pb + n <= pa
+
+
+cdef object _plain_out(object out, cnp.ndarray x, int code, object a, object b, object c):
+    """The array a plain call writes: a new one where out is None; out itself where the
+    kernels may write it directly (plain data of x's dtype and shape, writable, and each
+    data input a, b, c (None: absent) either the very same view, an in-place call, or apart
+    from it, as fastbn._api._output decides); None for any other out, which fastbn._api
+    then checks, stages through a buffer of its own or reports."""
+    if out is None:
+        return _empty_like(x)
+    if not (_plain_like(out, x, code) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> out)):
+        return None
+    for v in (a, b, c):
+        if v is not None and not _apart_or_same(<cnp.ndarray> out, <cnp.ndarray> v):
+            return None
+    return out
 
 
 cdef struct Shape3:
@@ -1920,9 +1945,9 @@ cdef cnp.ndarray _statistic(const double* v, idx C, int code):
 
 
 def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis,
-                activation, residual, bint statistics):
+                activation, residual, bint statistics, out=None):
     """batch_norm(training=True) (-> y) or, with statistics, batch_norm_forward (-> y,
-    mean, invstd) for a plain call; None for any other."""
+    mean, invstd) for a plain call (y is out where given); None for any other."""
     cdef Shape3 s
     cdef int relu
     cdef double mom, epsilon
@@ -1946,7 +1971,9 @@ def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis,
     try:
         if not (_plain_param(weight, s.C, 1.0, w) and _plain_param(bias, s.C, 0.0, b)):
             return None
-        y = _empty_like(xa)
+        y = _plain_out(out, xa, code, x, residual, None)
+        if y is None:
+            return None
         n_threads = _threads_stream(y, s, &stream)
         _run_train_forward(_view3(xa, s), _view3(y, s), w, b, epsilon, mean, var, invstd,
                            n_threads, None if residual is None else _view3(residual, s),
@@ -1961,13 +1988,15 @@ def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis,
 
 
 def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, axis,
-                    activation, residual):
-    """batch_norm(training=False) for a plain call; None for any other."""
+                    activation, residual, out=None):
+    """batch_norm(training=False) for a plain call (-> y, which is out where given); None
+    for any other."""
     cdef Shape3 s
     cdef int relu
     cdef double mom, epsilon
-    if _plain_forward(x, axis, activation, residual, momentum, eps, &s, &relu, &mom,
-                      &epsilon) < 0:
+    cdef int code = _plain_forward(x, axis, activation, residual, momentum, eps, &s, &relu,
+                                   &mom, &epsilon)
+    if code < 0:
         return None
     cdef double* buf = _channel_buffers(s.C)
     cdef double* rm = buf
@@ -1982,8 +2011,10 @@ def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, a
                 and _plain_param(running_var, s.C, 0.0, rv) and running_var is not None
                 and _plain_param(weight, s.C, 1.0, w) and _plain_param(bias, s.C, 0.0, b)):
             return None
+        y = _plain_out(out, xa, code, x, residual, None)
+        if y is None:
+            return None
         inference_scales(s.C, w, rv, epsilon, scale)
-        y = _empty_like(xa)
         _run_normalize(_view3(xa, s), _view3(y, s), rm, scale, b, _threads_stream(y, s, &stream),
                        None if residual is None else _view3(residual, s), relu, False)
         return y
@@ -1992,9 +2023,9 @@ def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, a
 
 
 def plain_backward(dy, x, mean, invstd, weight, training, axis, activation, y,
-                   return_residual_grad):
-    """batch_norm_backward (-> dx, dweight, dbias[, dresidual]) for a plain call; None for
-    any other."""
+                   return_residual_grad, out=None):
+    """batch_norm_backward (-> dx, dweight, dbias[, dresidual]) for a plain call (dx is
+    out where given); None for any other."""
     cdef int code = _plain_data(x)
     cdef int relu = _plain_relu(activation)
     cdef Shape3 s
@@ -2024,10 +2055,12 @@ def plain_backward(dy, x, mean, invstd, weight, training, axis, activation, y,
                 and invstd is not None and _plain_param(invstd, s.C, 0.0, iv)
                 and _plain_param(weight, s.C, 1.0, w)):
             return None
+        dx = _plain_out(out, xa, code, x, dy, y if relu else None)
+        if dx is None:
+            return None
         if return_residual_grad:  # the masked dy (written by the kernel), or dy itself
             dres = (_empty_like(xa)
                     if relu else cnp.PyArray_NewCopy(ga, cnp.NPY_CORDER))
-        dx = _empty_like(xa)
         n_threads = _threads_stream(dx, s, &stream)
         _run_backward(_view3(ga, s), _view3(xa, s), _view3(dx, s), m, iv, w, frozen, sdy, sxmu,
                       n_threads, _view3(<cnp.ndarray> y, s) if relu else None,

@@ -1,9 +1,9 @@
 """The compiled plain-call path (fastbn._bn_cpu.plain_*) against the checked Python path.
 
 fastbn._api sends plain calls (NumPy arrays, C-contiguous data, float32/float64 (C,)
-parameters, float momentum/eps, no out/activation/residual) to compiled functions that
-must accept nothing the Python checks reject, give the same bits, and hand anything else
-back (None) to the Python path.
+parameters, float momentum/eps, an out= the kernels can write directly; fused ReLU and
+residual included) to compiled functions that must accept nothing the Python checks
+reject, give the same bits, and hand anything else back (None) to the Python path.
 """
 import numpy as np
 import pytest
@@ -117,6 +117,119 @@ def test_plain_calls_give_the_bits_of_the_python_path(case):
     if rdt is not None:
         _same(rm1, rm2)
         _same(rv1, rv2)
+
+
+def _out_calls(case, where, x, dy, y, rm, rv, w, b, residual):
+    """Each public call with out=: a new array, or in place (x for the forwards, dy for the
+    backward). x and dy are the caller's copies, which an in-place call overwrites ->
+    [(result, out)] in call order."""
+    axis, momentum, eps = case["axis"], case["momentum"], case["eps"]
+    fused = dict(activation=case["activation"], residual=residual)
+    results = []
+
+    def target(a):
+        return a if where == "in place" else np.empty_like(a)
+
+    xs = [x.copy() for _ in range(3)]
+    out = target(xs[0])
+    results.append((fbn.batch_norm(xs[0], rm, rv, w, b, training=True, momentum=momentum,
+                                   eps=eps, axis=axis, out=out, **fused), out))
+    out = target(xs[1])
+    results.append((fbn.batch_norm_forward(xs[1], w, b, rm, rv, momentum=momentum, eps=eps,
+                                           axis=axis, out=out, **fused), out))
+    if rm is not None:
+        out = target(xs[2])
+        results.append((fbn.batch_norm(xs[2], rm, rv, w, b, momentum=momentum, eps=eps,
+                                       axis=axis, out=out, **fused), out))
+    _, mean, invstd = fbn.batch_norm_forward(x, w, b, axis=axis, **fused)
+    relu = dict(activation="relu", y=y) if case["activation"] else {}
+    for training in (True, False):
+        g = dy.copy()
+        out = target(g)
+        results.append((fbn.batch_norm_backward(g, x, mean, invstd, w, training=training,
+                                                axis=axis, out=out, **relu,
+                                                return_residual_grad=case["residual_grad"]),
+                        out))
+    return results
+
+
+@settings(max_examples=80, deadline=None)
+@given(plain_case(), st.sampled_from(["new", "in place"]))
+def test_out_takes_the_plain_path_with_the_bits_of_the_python_path(case, where):
+    # out= that the kernels write directly (a C-contiguous array apart from the inputs, or
+    # the input itself) is a plain call: the same bits, out returned, nothing else written
+    x, dy, C, w, b, rng = _arrays(case)
+    residual = rng.standard_normal(x.shape).astype(x.dtype) if case["residual"] else None
+    rdt = case["running"]
+    rm0 = None if rdt is None else rng.standard_normal(C).astype(rdt)
+    rv0 = None if rdt is None else rng.random(C).astype(rdt)
+    y = fbn.batch_norm_forward(x, w, b, axis=case["axis"], activation=case["activation"],
+                               residual=residual)[0]
+    inputs = [a.copy() for a in (x, dy, y) + ((residual,) if residual is not None else ())]
+    runs = []
+    for plain in (True, False):
+        rm = None if rm0 is None else rm0.copy()
+        rv = None if rv0 is None else rv0.copy()
+        with pytest.MonkeyPatch.context() as mp:
+            if plain:
+                mp.setattr(_api, "backend_for", _no_python_path)
+            else:
+                mp.setattr(_api, "_PLAIN_CALLS", False)
+            runs.append((_out_calls(case, where, x, dy, y, rm, rv, w, b, residual), rm, rv))
+    (plain, rm1, rv1), (general, rm2, rv2) = runs
+    for (p, p_out), (g, g_out) in zip(plain, general):
+        _same(p, g)
+        assert (p[0] if isinstance(p, tuple) else p) is p_out
+        _same(p_out, g_out)
+    if rdt is not None:
+        _same(rm1, rm2)
+        _same(rv1, rv2)
+    for a, b0 in zip((x, dy, y) + ((residual,) if residual is not None else ()), inputs):
+        _same(a, b0)  # the calls' own copies took the in-place writes
+
+
+@pytest.mark.parametrize("kind", ["overlapping x", "non-contiguous", "read-only",
+                                  "other dtype", "other shape", "a list"])
+def test_out_the_kernels_cannot_write_is_handed_back(kind):
+    x, dy, C = _base()
+    mean, invstd = np.zeros(C, np.float32), np.ones(C, np.float32)
+    n = x.size
+    if kind == "overlapping x":  # one element off x: the Python path stages it
+        block = np.random.default_rng(4).standard_normal(n + 1).astype(np.float32)
+        x = block[:n].reshape(x.shape)
+        out = block[1:].reshape(x.shape)
+    elif kind == "non-contiguous":
+        out = np.empty(x.shape[:-1] + (2 * x.shape[-1],), x.dtype)[..., ::2]
+    elif kind == "read-only":
+        out = np.empty_like(x)
+        out.flags.writeable = False
+    elif kind == "other dtype":
+        out = np.empty(x.shape, np.float64)
+    elif kind == "other shape":
+        out = np.empty(x.shape[::-1], x.dtype)
+    else:
+        out = np.zeros(x.shape).tolist()
+    forward_args = (x, None, None, None, None, 0.1, 1e-5, 1, None, None)
+    assert _bn_cpu.plain_train(*forward_args, True, out) is None
+    assert _bn_cpu.plain_inference(x, mean, invstd, None, None, 0.1, 1e-5, 1, None, None,
+                                   out) is None
+    assert _bn_cpu.plain_backward(dy, x, mean, invstd, None, True, 1, None, None, False,
+                                  out) is None
+    if kind in ("overlapping x", "non-contiguous"):  # staged by the Python path: its bits
+        expected = fbn.batch_norm_forward(x.copy())
+        result = fbn.batch_norm_forward(x, out=out)
+        assert result[0] is out
+        _same(np.ascontiguousarray(out), expected[0])
+        _same(result[1:], expected[1:])
+    else:
+        error = {"read-only": (ValueError, "out is read-only"),
+                 "other dtype": (TypeError, "out must have dtype"),
+                 "other shape": (ValueError, "out must have shape"),
+                 "a list": (TypeError, "out must be a numpy.ndarray")}[kind]
+        with pytest.raises(error[0], match=error[1]):
+            fbn.batch_norm_forward(x, out=out)
+        with pytest.raises(error[0], match=error[1]):
+            fbn.batch_norm_backward(dy, x, mean, invstd, out=out)
 
 
 def test_non_finite_data_takes_the_plain_path_with_the_same_bits(monkeypatch):
