@@ -24,7 +24,11 @@ class BatchNorm(Benchmark):
         C = self.x.shape[self.axis]
         self.rm, self.rv = np.zeros(C, dtype), np.ones(C, dtype)
         self.w, self.b = np.ones(C, dtype), np.zeros(C, dtype)
-        self.out = np.empty_like(self.x)  # page faults paid here, not in the timing
+        # written here so that its page faults are paid here, not in the timing: asv runs
+        # setup before every sample, and an untouched np.empty_like faults in the timed call
+        # ((32,64,56,56) float64 backward: 8.4 ms timed against 2.9 ms without the faults)
+        self.out = np.empty_like(self.x)
+        self.out.fill(0)
         _, self.mean, self.invstd = fbn.batch_norm_forward(self.x, axis=self.axis)
 
     def teardown(self, *args):
