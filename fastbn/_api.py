@@ -8,13 +8,12 @@ every kernel ran, so a failing call changes nothing.
 The plain call of batch_norm, batch_norm_forward and batch_norm_backward (NumPy arrays,
 C-contiguous data of one float dtype, float32/float64 (C,) parameters, Python float
 momentum and eps, out= where the kernels can write it directly (C-contiguous, writable,
-each input the very same array or apart from it); fused ReLU and residual included)
-first goes to the compiled
-core's ``plain_*`` functions (fastbn._bn_cpu, "plain calls"): they accept only what these
-checks accept, run the same kernels on the same float64 parameters, and return None for
-anything else, which then takes the path below. Their point is a call's fixed cost: after
-a pass over tens of MB the Python checks run from cold caches (tests/test_plain_calls.py
-compares the two paths bit for bit).
+each input the very same array or apart from it); fused ReLU and residual included) first
+goes to the compiled core's ``plain_*`` functions (fastbn._bn_cpu, "plain calls"): they
+accept only what these checks accept, run the same kernels on the same float64 parameters,
+and return None for anything else, which then takes the path below. Their point is a
+call's fixed cost: after a pass over tens of MB the Python checks run from cold caches
+(tests/test_plain_calls.py compares the two paths bit for bit).
 """
 import math
 import numbers

@@ -1501,13 +1501,14 @@ cdef void _update_running(cnp.ndarray running_mean, cnp.ndarray running_var, con
 # ------------------------------------------------------------------------ plain calls
 # The common call -- NumPy arrays, C-contiguous data of one dtype, float32/float64 (C,)
 # parameters, Python float momentum and eps, out= that the kernels can write directly
-# (fused ReLU and residual included) -- checked and run here in compiled code. After a pass over tens of MB nothing of a call's
-# Python code is cached, and every bytecode and NumPy object the argument checks touch is
-# a miss: in benchmarks/compare.py's interleaved loop the checks of fastbn._api cost ~25
-# us of a (256, 2048) backward and ~4 us of a (16, 32, 8, 8) training call. These
-# functions accept only arguments that fastbn._api accepts and return None for anything
-# else, which fastbn._api then checks, and reports, as ever; the kernels, the float64
-# parameters and the order of operations are the same, so are the bits.
+# (fused ReLU and residual included) -- checked and run here in compiled code. After a
+# pass over tens of MB nothing of a call's Python code is cached, and every bytecode and
+# NumPy object the argument checks touch is a miss: in benchmarks/compare.py's interleaved
+# loop the checks of fastbn._api cost ~25 us of a (256, 2048) backward and ~4 us of a
+# (16, 32, 8, 8) training call. These functions accept only arguments that fastbn._api accepts
+# and return None for anything else, which fastbn._api then checks, and reports, as ever;
+# the kernels, the float64 parameters and the order of operations are the same, so are the
+# bits.
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.math cimport isfinite
