@@ -5,15 +5,16 @@ validated (outer, C, inner) views, float64 (C,) parameters and preallocated outp
 and never re-check. Running statistics are written only after every check passed and
 every kernel ran, so a failing call changes nothing.
 
-The plain call of batch_norm, batch_norm_forward and batch_norm_backward (NumPy arrays,
-C-contiguous data of one float dtype, float32/float64 (C,) parameters, Python float
-momentum and eps, out= where the kernels can write it directly (C-contiguous, writable,
-each input the very same array or apart from it); fused ReLU and residual included) first
-goes to the compiled core's ``plain_*`` functions (fastbn._bn_cpu, "plain calls"): they
-accept only what these checks accept, run the same kernels on the same float64 parameters,
-and return None for anything else, which then takes the path below. Their point is a
-call's fixed cost: after a pass over tens of MB the Python checks run from cold caches
-(tests/test_plain_calls.py compares the two paths bit for bit).
+The plain call of batch_norm, batch_norm_forward, batch_norm_backward, moments and welford
+(NumPy arrays, C-contiguous data of one float dtype, float32/float64 (C,) parameters,
+Python float momentum and eps, an int ddof, out= where the kernels can write it directly
+(C-contiguous, writable, each input the very same array or apart from it); fused ReLU and
+residual included) first goes to the compiled core's ``plain_*`` functions
+(fastbn._bn_cpu, "plain calls"): they accept only what these checks accept, run the same
+kernels on the same float64 parameters, and return None for anything else, which then
+takes the path below. Their point is a call's fixed cost: after a pass over tens of MB the
+Python checks run from cold caches (tests/test_plain_calls.py compares the two paths bit
+for bit).
 """
 import math
 import numbers
@@ -305,6 +306,10 @@ def welford(x, axis=1):
     >>> m.count, m.mean.shape, m.mean.dtype
     (640, (4,), dtype('float64'))
     """
+    if _PLAIN_CALLS and _ENV_KEY not in _ENV_DATA:
+        parts = _bn_cpu.plain_welford(x, axis)
+        if parts is not None:
+            return Moments(*parts)
     return _welford(x, axis)[0]
 
 
@@ -346,6 +351,10 @@ def moments(x, axis=1, *, ddof=0):
     >>> fbn.moments(x.transpose(0, 2, 1), axis=-1)[0]
     array([3.5, 5.5, 7.5], dtype=float32)
     """
+    if _PLAIN_CALLS and _ENV_KEY not in _ENV_DATA:
+        result = _bn_cpu.plain_moments(x, axis, ddof)
+        if result is not None:
+            return result
     try:
         ddof = operator.index(ddof)
     except TypeError:

@@ -49,6 +49,8 @@ def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, a
                     activation, residual, out=None): ...
 def plain_backward(dy, x, mean, invstd, weight, training, axis, activation, y,
                    return_residual_grad, out=None): ...
+def plain_welford(x, axis): ...  # -> (count, mean, m2)
+def plain_moments(x, axis, ddof): ...  # -> (mean, var)
 
 # benchmarks/compare.py's memory floors (next to no arithmetic): a read, a copy or a ^ b
 # over the bytes; the same bytes in the fused per-channel passes' order, and in the

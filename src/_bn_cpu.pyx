@@ -1511,7 +1511,7 @@ cdef void _update_running(cnp.ndarray running_mean, cnp.ndarray running_var, con
 # bits.
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
-from libc.math cimport isfinite
+from libc.math cimport isfinite, NAN
 
 
 cdef int _plain_data(object a) noexcept:
@@ -1943,6 +1943,46 @@ cdef cnp.ndarray _statistic(const double* v, idx C, int code):
         for c in range(C):
             (<float*> cnp.PyArray_DATA(out))[c] = <float> v[c]
     return out
+
+
+cdef object _plain_welford(object x, object axis, int* code):
+    """(count, float64 mean, float64 M2) of plain data x (code: its dtype), as the Python
+    path's backend.moments computes them; None for any other x or axis."""
+    cdef Shape3 s
+    code[0] = _plain_data(x)
+    if code[0] < 0 or not _plain_shape(<cnp.ndarray> x, axis, &s):
+        return None
+    cdef cnp.npy_intp n = s.C
+    cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray m2 = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64, 0)
+    count = moments(_view3(<cnp.ndarray> x, s), mean, m2,
+                    _threads_for(cnp.PyArray_SIZE(<cnp.ndarray> x)))
+    return count, mean, m2
+
+
+def plain_welford(x, axis):
+    """welford(x, axis) as (count, mean, m2) for a plain call (fastbn._api wraps them in
+    Moments); None for any other."""
+    cdef int code
+    return _plain_welford(x, axis, &code)
+
+
+def plain_moments(x, axis, ddof):
+    """moments(x, axis, ddof=ddof) (-> mean, var) for a plain call; None for any other."""
+    cdef int code
+    if type(ddof) is not int or not -(1 << 52) < ddof < (1 << 52):  # exact as a double
+        return None
+    parts = _plain_welford(x, axis, &code)
+    if parts is None:
+        return None
+    count, mean, m2 = parts
+    cdef idx C = cnp.PyArray_SIZE(<cnp.ndarray> m2), c
+    cdef double* v = <double*> cnp.PyArray_DATA(<cnp.ndarray> m2)
+    cdef double denom = <double> (count - ddof)  # as _moments._var: NaN without a degree
+    for c in range(C):
+        v[c] = v[c] / denom if denom > 0 else NAN
+    return (_statistic(<double*> cnp.PyArray_DATA(<cnp.ndarray> mean), C, code),
+            _statistic(v, C, code))
 
 
 def plain_train(x, weight, bias, running_mean, running_var, momentum, eps, axis,

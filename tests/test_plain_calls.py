@@ -42,7 +42,8 @@ def plain_only(monkeypatch):
 @pytest.fixture
 def python_only(monkeypatch):
     """Fail any call that reaches a compiled plain function."""
-    for name in ("plain_train", "plain_inference", "plain_backward"):
+    for name in ("plain_train", "plain_inference", "plain_backward", "plain_welford",
+                 "plain_moments"):
         monkeypatch.setattr(_bn_cpu, name, _no_python_path)
 
 
@@ -117,6 +118,44 @@ def test_plain_calls_give_the_bits_of_the_python_path(case):
     if rdt is not None:
         _same(rm1, rm2)
         _same(rv1, rv2)
+
+
+@settings(max_examples=80, deadline=None)
+@given(plain_case(), st.sampled_from([0, 1, -1, 3, "count - 1", "count", "count + 1", 2**60]))
+def test_statistics_take_the_plain_path_with_the_bits_of_the_python_path(case, ddof):
+    x, _, C, _, _, _ = _arrays(case)
+    count = x.size // C
+    ddof = {"count - 1": count - 1, "count": count, "count + 1": count + 1}.get(ddof, ddof)
+    runs = []
+    for plain in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            if plain:
+                mp.setattr(_api, "backend_for", _no_python_path)
+                mp.setattr(_api, "backend_name_for", _no_python_path)
+            else:
+                mp.setattr(_api, "_PLAIN_CALLS", False)
+            if plain and abs(ddof) >= 2**52:  # handed back: not exact as a double
+                assert _bn_cpu.plain_moments(x, case["axis"], ddof) is None
+                mp.undo()
+            m = fbn.welford(x, case["axis"])
+            runs.append((fbn.moments(x, case["axis"], ddof=ddof), m.count, m.mean, m.m2))
+    (plain, *pw), (general, *gw) = runs
+    _same(plain, general)
+    assert pw[0] == gw[0] == count
+    _same(pw[1], gw[1])
+    _same(pw[2], gw[2])
+
+
+@pytest.mark.parametrize("ddof, error", [(True, None), (np.int64(1), None), (1.0, TypeError),
+                                         ("1", TypeError)])
+def test_ddof_the_plain_path_does_not_take_is_handed_back(ddof, error):
+    x, _, C = _base()
+    assert _bn_cpu.plain_moments(x, 1, ddof) is None
+    if error:
+        with pytest.raises(error, match="ddof must be an int"):
+            fbn.moments(x, ddof=ddof)
+    else:
+        _same(fbn.moments(x, ddof=ddof), fbn.moments(x, ddof=1))
 
 
 def _out_calls(case, where, x, dy, y, rm, rv, w, b, residual):
@@ -324,10 +363,20 @@ def test_backend_forced_by_environment_is_honoured(python_only, monkeypatch):
     assert fbn.get_backend(x) == "reference"
 
 
-@pytest.mark.parametrize("call", ["train", "infer", "forward", "backward"])
-def test_plain_calls_skip_the_python_checks(call, plain_only):
+@pytest.mark.parametrize("call", ["train", "infer", "forward", "backward", "moments",
+                                  "welford"])
+def test_plain_calls_skip_the_python_checks(call, plain_only, monkeypatch):
     x, dy, C = _base(dtype=np.float64)
     rm, rv = np.zeros(C), np.ones(C)
+    monkeypatch.setattr(_api, "backend_name_for", _no_python_path)
+    if call in ("moments", "welford"):
+        if call == "moments":
+            mean, var = fbn.moments(x, ddof=1)
+        else:
+            m = fbn.welford(x)
+            mean, var = m.mean, m.var(ddof=1)
+        assert mean.shape == var.shape == (C,) and mean.dtype == var.dtype == np.float64
+        return
     if call == "train":
         y = fbn.batch_norm(x, rm, rv, training=True)
         assert rm.any()
