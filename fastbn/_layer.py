@@ -155,8 +155,10 @@ class BatchNorm:
             y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                            training=False, eps=self.eps, axis=self.axis,
                            activation=self.activation, residual=residual)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            self._cache = (x, self.running_mean, invstd, y, True, residual is not None)
+            # the statistics this forward used, for backward; invstd is computed there
+            # (1/sqrt on every evaluation call cost ~1.2 us of a 5.7 us small call)
+            stats = (self.running_mean.copy(), self.running_var.copy(), self.eps)
+            self._cache = (x, stats, None, y, True, residual is not None)
             return y
         update = self.training and self.track_running_stats
         momentum = self.momentum
@@ -178,6 +180,9 @@ class BatchNorm:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
         x, mean, invstd, y, frozen, had_residual = self._cache
+        if invstd is None:  # evaluation mode: the running statistics the forward used
+            mean, var, eps = mean
+            invstd = 1.0 / np.sqrt(var.astype(np.float64) + eps)
         relu = self.activation == "relu"
         out = batch_norm_backward(dy, x, mean, invstd, self.weight, training=not frozen,
                                   axis=self.axis, activation=self.activation,

@@ -136,3 +136,25 @@ def test_population_mode_gives_exact_statistics(xp):
             bn(batches[0] * 100)
             1 / 0
     np.testing.assert_array_equal(xp.asnumpy(bn.running_var), before)
+
+
+def test_evaluation_backward_uses_the_statistics_of_its_forward():
+    # the running statistics (and eps) an evaluation forward used, even where they change
+    # before the backward (a load_state_dict, a training step of another batch)
+    C = 4
+    bn = fbn.BatchNorm(C, dtype=np.float64)
+    x = make_data((8, C, 3), np.float64, seed=1, loc=2, scale=3)
+    dy = make_data((8, C, 3), np.float64, seed=2)
+    bn(x)  # a training step: running statistics away from 0 and 1
+    bn.eval()
+    rm, rv = bn.running_mean.copy(), bn.running_var.copy()
+    bn(x)
+    bn.running_mean[...] = 100.0
+    bn.running_var[...] = 50.0
+    bn.eps = 0.5
+    dx = bn.backward(dy)
+    expected = fbn.batch_norm_backward(dy, x, rm, 1.0 / np.sqrt(rv + 1e-5), bn.weight,
+                                       training=False)
+    np.testing.assert_array_equal(dx, expected[0])
+    np.testing.assert_array_equal(bn.grad_weight, expected[1])
+    np.testing.assert_array_equal(bn.grad_bias, expected[2])
