@@ -176,7 +176,8 @@ class BatchNorm:
     def backward(self, dy):
         """dx of the last forward; stores ``grad_weight``, ``grad_bias`` (and
         ``grad_residual`` when the forward had a residual). Gradients are overwritten,
-        not accumulated."""
+        not accumulated. After an evaluation-mode forward, the running statistics and eps
+        that forward used are the frozen statistics, whatever changed them since."""
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
         x, mean, invstd, y, frozen, had_residual = self._cache
