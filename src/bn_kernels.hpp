@@ -2606,8 +2606,15 @@ static const idx WIDE_NLC_CHANNELS = 1024;
 // constants from L2 every four rows (2048 float channels), which cost more than moving x
 // and y: cold (256, 2048) float32 training forward, 2 threads, the second pass alone
 // (C++ harness, the core's kernels): 28 -> 20.5 us, against 18-20 us for a plain copy.
-static const idx STRIP_CONSTANT_BYTES = 8192;
-// Channels per strip: 512 float32 or 256 float64 (four constant arrays in 8 KB, five in 10).
+// Strips of 16 KB of constants rather than 8: half as many returns to the first rows of a
+// chunk, and the float32 training forward into a cold output (the common case: a new
+// array) was faster in every pair, builds called in turn, both orders: (256, 2048)
+// 0.1056-0.1093 -> 0.1018-0.1071 ms, (128, 4096) 0.1157-0.1176 -> 0.1104-0.1134, (512,
+// 1024), now one strip, 0.1050-0.1079 -> 0.1028; output reused, float64 and the
+// backward within the noise.
+static const idx STRIP_CONSTANT_BYTES = 16384;
+// Channels per strip: 1024 float32 or 512 float64 (four constant arrays in 16 KB, five in
+// 20).
 // For each strip [c0, c0 + m): four(r, c0, m) over rows [r, r + 4) while four rows are
 // left, then one(r, c0, m) for each row left (normalize_strips_nlc, the backward strips).
 template <class T, class Four, class One>

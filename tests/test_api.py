@@ -657,7 +657,7 @@ def test_channel_strips_give_the_same_bits(dtype, epilogue, layout):
     """Wide channels-last rows that a second pass re-reads from cache (training forward,
     backward dx, inference of small inputs) are walked a strip of channels at a time
     (bn_kernels.hpp, normalize_strips_nlc); the bits are those of whole rows, and the values
-    those of the reference. 1100 channels (strips of 512 or 256 and a short last one), 111
+    those of the reference. 1100 channels (strips of 1024 or 512 and a short last one), 111
     rows (chunks with a short last one, and rows left over from groups of four), a view of
     every row's first 1100 of 1300 channels, and (37, 300, 4) with axis=1, whose short rows
     are walked as 1200 channels-last columns."""
