@@ -1594,6 +1594,14 @@ cdef bint _plain_real(object v, bint non_negative, double* out) noexcept:
     return isfinite(out[0]) and not (non_negative and out[0] < 0)
 
 
+cdef bint _apart(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Contiguous arrays of one size in bytes with no byte in common."""
+    cdef char* pa = <char*> cnp.PyArray_DATA(a)
+    cdef char* pb = <char*> cnp.PyArray_DATA(b)
+    cdef idx n = cnp.PyArray_NBYTES(a)
+    return pa + n <= pb or pb + n <= pa
+
+
 cdef bint _plain_running(object rm, object rv, idx C) noexcept:
     """Running statistics a training call updates in place: writable plain vectors of one
     dtype that do not overlap."""
@@ -1601,19 +1609,7 @@ cdef bint _plain_running(object rm, object rv, idx C) noexcept:
         return False
     if cnp.PyArray_TYPE(<cnp.ndarray> rm) != cnp.PyArray_TYPE(<cnp.ndarray> rv):
         return False
-    cdef char* pm = <char*> cnp.PyArray_DATA(<cnp.ndarray> rm)
-    cdef char* pv = <char*> cnp.PyArray_DATA(<cnp.ndarray> rv)
-    cdef idx n = cnp.PyArray_NBYTES(<cnp.ndarray> rm)
-    return pm + n <= pv or pv + n <= pm
-
-
-cdef bint _apart_or_same(cnp.ndarray a, cnp.ndarray b) noexcept:
-    """Plain arrays of one shape and dtype: the very same view (the same first byte) or no
-    byte in common."""
-    cdef char* pa = <char*> cnp.PyArray_DATA(a)
-    cdef char* pb = <char*> cnp.PyArray_DATA(b)
-    cdef idx n = cnp.PyArray_NBYTES(a)
-    return pa == pb or pa + n <= pb or pb + n <= pa
+    return _apart(<cnp.ndarray> rm, <cnp.ndarray> rv)
 
 
 cdef object _plain_out(object out, cnp.ndarray x, int code, object a, object b, object c):
@@ -1626,8 +1622,10 @@ cdef object _plain_out(object out, cnp.ndarray x, int code, object a, object b, 
         return _empty_like(x)
     if not (_plain_like(out, x, code) and cnp.PyArray_ISWRITEABLE(<cnp.ndarray> out)):
         return None
-    for v in (a, b, c):
-        if v is not None and not _apart_or_same(<cnp.ndarray> out, <cnp.ndarray> v):
+    cdef void* p = cnp.PyArray_DATA(<cnp.ndarray> out)
+    for v in (a, b, c):  # plain data of one shape and dtype: the same first byte, same view
+        if v is not None and not (p == cnp.PyArray_DATA(<cnp.ndarray> v)
+                                  or _apart(<cnp.ndarray> out, <cnp.ndarray> v)):
             return None
     return out
 
