@@ -71,9 +71,10 @@ static const idx STREAM_PIECE = 512;
 // L1 ahead of use evicted lines still in use there. Rows a multiple of 4 KB apart (a
 // channels-last sweep's four rows, the rows asked for next, a channel's rows of x, dy and
 // dx) all map to one of L1's 64 sets of 8 lines. Cold, 2 threads, the two builds called
-// in turn in one process (locality 3 -> 2, the same bits): float32 (256, 2048) backward
-// 0.254 -> 0.199 ms, backward sums 0.182-0.197 -> 0.148-0.158, training forward
-// 0.177-0.199 -> 0.138-0.152, inference 0.127-0.141 -> 0.094-0.110; (32,64,56,56)
+// in turn in one process (locality 3 -> 2, the same bits; every pair measured, on a noisy
+// host): float32 (256, 2048) backward 0.254-0.298 -> 0.199-0.285 ms, backward sums
+// 0.182-0.201 -> 0.148-0.175, training forward 0.177-0.199 -> 0.138-0.156, inference
+// 0.127-0.153 -> 0.094-0.138; (32,64,56,56)
 // backward 3.17-3.18 -> 2.30-2.36 ms, training forward 1.82-1.95 -> 1.62-1.67;
 // (128,512,7,7) backward 1.97 -> 1.49, statistics 0.96-1.00 -> 0.73-0.78; float64
 // (8,256,28,28) backward 1.17-1.49 -> 0.74-0.99; (32,56,56,64) statistics 0.82-1.40 ->
