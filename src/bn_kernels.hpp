@@ -212,13 +212,16 @@ FASTBN_AVX512_HALF FASTBN_INLINE __m512 masked_grad_half16(const half* g, const 
     if (MASK) gv = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load_half16(y), _mm512_setzero_ps(), _CMP_GT_OQ), gv);
     return gv;
 }
-// masked_grad_half16 on 8 values widened to double (see load_half8_wide); y > 0 in double
-// is y > 0 in float (the widening is exact).
+// g where y > 0, else 0, on widened values (as masked_grad: NaN-safe, the comparison is
+// false); y > 0 in double is y > 0 in float, the widening being exact.
+FASTBN_AVX512_HALF FASTBN_INLINE __m512d where_positive(__m512d g, __m512d y) {
+    return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(y, _mm512_setzero_pd(), _CMP_GT_OQ), g);
+}
+// masked_grad_half16 on 8 values widened to double (see load_half8_wide).
 template <bool MASK>
 FASTBN_AVX512_HALF FASTBN_INLINE __m512d masked_grad_half8_wide(const half* g, const half* y) {
-    __m512d gd = load_half8_wide(g);
-    if (MASK) gd = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(load_half8_wide(y), _mm512_setzero_pd(), _CMP_GT_OQ), gd);
-    return gd;
+    const __m512d gd = load_half8_wide(g);
+    return MASK ? where_positive(gd, load_half8_wide(y)) : gd;
 }
 // Up to 16 float16 values of a row's end through the 16-wide loop body: copied to (and
 // from) a zero-padded block of 16.
@@ -311,8 +314,7 @@ FASTBN_AVX512_TILES FASTBN_INLINE __m512 masked_grad16(const T* g, const T* y, b
 }
 // 16 values of T (dy: zero where y is not > 0, as masked_grad16) for the reductions,
 // widened to double 8 at a time: half(h) holds values 8h..8h+7. 16-bit types convert 8
-// at a time from memory when asked (see load_half8_wide; y > 0 in double is y > 0 in
-// float, the widening being exact); float32 loads the 16 once and widens each half, as
+// at a time from memory when asked (see load_half8_wide); float32 loads the 16 once and widens each half, as
 // before (converted 8 at a time from memory it was 1-3 % slower).
 template <class T, bool MASK = false>
 struct Wide16 {
@@ -321,9 +323,7 @@ struct Wide16 {
     FASTBN_AVX512_TILES FASTBN_INLINE Wide16(const T* g_, const T* y_ = nullptr) : g(g_), y(y_) {}
     FASTBN_AVX512_TILES FASTBN_INLINE __m512d half(int h) const {
         const __m512d w = Lanes16<T>::load8_wide(g + 8 * h);
-        if (!MASK) return w;
-        return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(Lanes16<T>::load8_wide(y + 8 * h), _mm512_setzero_pd(), _CMP_GT_OQ),
-                                   w);
+        return MASK ? where_positive(w, Lanes16<T>::load8_wide(y + 8 * h)) : w;
     }
 };
 template <bool MASK>
