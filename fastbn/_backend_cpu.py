@@ -65,7 +65,8 @@ def train_forward(x3, y3, weight, bias, eps, res3=None, relu=False):
 
 def normalize(x3, y3, mean, scale, shift, res3=None, relu=False):
     """y3 = relu?((x3 - mean) * scale + shift + res3?), per channel."""
-    _bn_cpu.normalize(x3, y3, mean, scale, shift, _threads(x3), res3, relu, False)
+    _bn_cpu.normalize(x3, y3, mean, scale, shift, _threads(x3), res3, relu,
+                      _bn_cpu.inference_stream(y3))
 
 
 def backward(dy3, x3, dx3, mean, invstd, weight, frozen, y3=None, dres3=None):

@@ -132,6 +132,7 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
                                  const double* weight, bint frozen, Activation act,
                                  double* sdy, double* sxmu, const T* dy_next, const T* x_next)
     const idx STAGE_BYTES
+    bint streams_rows_from_registers(bint half_data) nogil
     uint64_t floor_read(const unsigned char* a, idx b0, idx b1)
     void floor_write(const unsigned char* a, const unsigned char* b, unsigned char* out, idx b0,
                      idx b1, bint stream)
@@ -247,8 +248,9 @@ def threads_for(idx size):
 # large to stay cached for its next reader, would otherwise cost a read of every line
 # it overwrites. Measured with a warm heap, (32,64,56,56) float32, 2 threads: training
 # forward 2.30 -> 2.07 ms, backward 3.21 -> 3.01 ms; (8,256,28,28) float64 training
-# 0.86 -> 0.75 ms. Inference (one read, one write) is not streamed: it was slower that
-# way (1.43 -> 1.83 ms, 0.42 -> 0.62 ms), reading and streaming at once.
+# 0.86 -> 0.75 ms. Inference (one read, one write) streams only the rows that
+# _inference_rows_stream names: NC rows staged through L1 and then streamed were slower
+# than ordinary stores (1.43 -> 1.83 ms, 0.42 -> 0.62 ms when first measured).
 cdef idx _STREAM_MIN_BYTES = 8 << 20
 
 
@@ -307,6 +309,30 @@ def stream_output(cnp.ndarray out3):
     return _stream_out(cnp.PyArray_NBYTES(out3), out3.shape[1], out3.shape[2],
                        cnp.PyArray_STRIDES(out3)[0], cnp.PyArray_STRIDES(out3)[1],
                        cnp.PyArray_ITEMSIZE(out3))
+
+
+cdef inline bint _inference_rows_stream(idx nbytes, idx inner, idx itemsize,
+                                        int code) noexcept nogil:
+    # Of the outputs _stream_out allows, inference streams NC rows of 1 KB or more from
+    # twice its size (16 MiB) where they go out straight from registers (bn_kernels.hpp,
+    # normalize_row_streamed). Inference streamed or stored, one build, in turn, cold
+    # inputs, 2 threads, on a host whose streamed copy drifted between 42 and 50 GB/s:
+    # (32,64,56,56) float32 NC rows from registers 0.75-0.77x the stored time in one
+    # state of the host and 0.87-0.97x in another; staged through L1 0.99-1.10x. Below
+    # 16 MiB an output and its input fit the 32 MB last-level cache, where stored outputs
+    # were often the faster ((8,256,28,28) float64: 0.76x in the first state, 1.07-1.23x
+    # in the second; float16 (32,64,56,56) 0.75x and 1.11x). Channels-last rows (staged
+    # four at a time) 0.76-0.80x and then 0.91-1.08x, and 1.07-1.33x with 56 channels
+    # (rows that split lines): not streamed. 7x7 NC rows (196 bytes) 1.37x.
+    if inner == 1 or nbytes // 2 < _STREAM_MIN_BYTES:
+        return False
+    return inner * itemsize >= 1024 and streams_rows_from_registers(code == 2)
+
+
+def inference_stream(cnp.ndarray out3):
+    """Whether an inference streams its (outer, C, inner) output (_inference_rows_stream)."""
+    return stream_output(out3) and _inference_rows_stream(
+        cnp.PyArray_NBYTES(out3), out3.shape[2], cnp.PyArray_ITEMSIZE(out3), _dtype_code(out3))
 
 
 cdef enum:
@@ -2045,6 +2071,7 @@ def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, a
     cdef double* scale = buf + 4 * s.C
     cdef cnp.ndarray xa = <cnp.ndarray> x, y
     cdef bint stream
+    cdef int n_threads
     try:
         if not (_plain_param(running_mean, s.C, 0.0, rm) and running_mean is not None
                 and _plain_param(running_var, s.C, 0.0, rv) and running_var is not None
@@ -2054,8 +2081,11 @@ def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, a
         if y is None:
             return None
         inference_scales(s.C, w, rv, epsilon, scale)
-        _run_normalize(_view3(xa, s), _view3(y, s), rm, scale, b, _threads_stream(y, s, &stream),
-                       None if residual is None else _view3(residual, s), relu, False)
+        n_threads = _threads_stream(y, s, &stream)
+        stream = stream and _inference_rows_stream(cnp.PyArray_NBYTES(y), s.inner,
+                                                   cnp.PyArray_ITEMSIZE(y), code)
+        _run_normalize(_view3(xa, s), _view3(y, s), rm, scale, b, n_threads,
+                       None if residual is None else _view3(residual, s), relu, stream)
         return y
     finally:
         free(buf)

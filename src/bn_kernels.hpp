@@ -1013,15 +1013,88 @@ FASTBN_AVX512_HALF void normalize_row_nlc_half_in_registers(const half* x, half*
 // output y, stored to dr when DRES; dx = FROZEN ? g * a : (g * a + ((x - mean_hi) -
 // mean_lo) * b) + c): the float code's operations in its order.
 template <class T, bool RES, bool RELU>
-FASTBN_AVX512_TILES FASTBN_INLINE void normalize16(const T* x, const T* res, T* y, __m512 mh, __m512 ml, __m512 sc,
-                                                   __m512 sh, bool masked, __mmask16 k) {
+FASTBN_AVX512_TILES FASTBN_INLINE __m512 normalized16(const T* x, const T* res, __m512 mh, __m512 ml, __m512 sc,
+                                                      __m512 sh, bool masked, __mmask16 k) {
     const __m512 zero = _mm512_setzero_ps();
     __m512 v = _mm512_sub_ps(_mm512_sub_ps(masked ? Lanes16<T>::load(x, k) : Lanes16<T>::load(x), mh), ml);
     v = _mm512_add_ps(_mm512_mul_ps(v, sc), sh);
     if (RES) v = _mm512_add_ps(v, masked ? Lanes16<T>::load(res, k) : Lanes16<T>::load(res));
     if (RELU) v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), zero);
+    return v;
+}
+template <class T, bool RES, bool RELU>
+FASTBN_AVX512_TILES FASTBN_INLINE void normalize16(const T* x, const T* res, T* y, __m512 mh, __m512 ml, __m512 sc,
+                                                   __m512 sh, bool masked, __mmask16 k) {
+    const __m512 v = normalized16<T, RES, RELU>(x, res, mh, ml, sc, sh, masked, k);
     if (masked) Lanes16<T>::store(y, v, k);
     else Lanes16<T>::store(y, v);
+}
+
+// The same 8 lanes of float64 data (normalize_row<double>'s arithmetic in its order).
+template <bool RES, bool RELU>
+FASTBN_AVX512_TILES FASTBN_INLINE __m512d normalized8(const double* x, const double* res, __m512d mh, __m512d ml,
+                                                      __m512d sc, __m512d sh, bool masked, __mmask8 k) {
+    const __m512d zero = _mm512_setzero_pd();
+    __m512d v = _mm512_sub_pd(_mm512_sub_pd(masked ? _mm512_maskz_loadu_pd(k, x) : _mm512_loadu_pd(x), mh), ml);
+    v = _mm512_add_pd(_mm512_mul_pd(v, sc), sh);
+    if (RES) v = _mm512_add_pd(v, masked ? _mm512_maskz_loadu_pd(k, res) : _mm512_loadu_pd(res));
+    if (RELU) v = _mm512_mask_mov_pd(v, _mm512_cmp_pd_mask(v, zero, _CMP_LT_OQ), zero);
+    return v;
+}
+
+// Streaming stores of 16 values (64 bytes of float32, 32 of 16-bit data) at p, aligned
+// to their size.
+FASTBN_AVX512_TILES FASTBN_INLINE void stream16(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+FASTBN_AVX512_TILES FASTBN_INLINE void stream16(half* p, __m512 v) {
+    _mm256_stream_si256((__m256i*)p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+FASTBN_AVX512_TILES FASTBN_INLINE void stream16(bf16* p, __m512 v) {
+    _mm256_stream_si256((__m256i*)p, Lanes16<bf16>::narrow(v));
+}
+
+// A streamed row of y computed in registers and stored straight from them: masked
+// ordinary stores up to y's first 64-byte boundary and after its last, streaming stores
+// for the whole lines between. No line is written partly streamed (slow), and nothing goes
+// through an L1 stage: staging a piece and then streaming it left the reads idle while
+// the stores drained (cold (32,64,56,56) float32 inference, 2 threads: see the README).
+template <class T, bool RES, bool RELU>
+FASTBN_AVX512_TILES void normalize_row_streamed(const T* x, T* y, const T* res, idx n, const Affine<float>& a) {
+    const __m512 mh = _mm512_set1_ps(a.mean_hi), ml = _mm512_set1_ps(a.mean_lo);
+    const __m512 sc = _mm512_set1_ps(a.scale), sh = _mm512_set1_ps(a.shift);
+    const idx line = 64 / (idx)sizeof(T);
+    idx head = (idx)(((64 - ((uintptr_t)y & 63)) & 63) / sizeof(T));
+    if (head > n) head = n;
+    idx i = 0;
+    for (idx m; i < head; i += m) {
+        m = head - i < 16 ? head - i : 16;
+        normalize16<T, RES, RELU>(x + i, RES ? res + i : res, y + i, mh, ml, sc, sh, true, (__mmask16)((1u << m) - 1u));
+    }
+    for (; i + line <= n; i += line)
+        for (idx j = 0; j < line; j += 16)
+            stream16(y + i + j, normalized16<T, RES, RELU>(x + i + j, RES ? res + i + j : res, mh, ml, sc, sh, false, 0));
+    for (; i < n; i += 16) {
+        const idx m = n - i < 16 ? n - i : 16;
+        normalize16<T, RES, RELU>(x + i, RES ? res + i : res, y + i, mh, ml, sc, sh, true, (__mmask16)((1u << m) - 1u));
+    }
+}
+
+template <bool RES, bool RELU>
+FASTBN_AVX512_TILES void normalize_row_streamed_f64(const double* x, double* y, const double* res, idx n,
+                                                    const Affine<double>& a) {
+    const __m512d mh = _mm512_set1_pd(a.mean_hi), ml = _mm512_set1_pd(a.mean_lo);
+    const __m512d sc = _mm512_set1_pd(a.scale), sh = _mm512_set1_pd(a.shift);
+    idx head = (idx)(((64 - ((uintptr_t)y & 63)) & 63) / sizeof(double));
+    if (head > n) head = n;
+    if (head)
+        _mm512_mask_storeu_pd(y, (__mmask8)((1u << head) - 1u),
+                              normalized8<RES, RELU>(x, res, mh, ml, sc, sh, true, (__mmask8)((1u << head) - 1u)));
+    idx i = head;
+    for (; i + 8 <= n; i += 8)
+        _mm512_stream_pd(y + i, normalized8<RES, RELU>(x + i, RES ? res + i : res, mh, ml, sc, sh, false, 0));
+    if (i < n) {
+        const __mmask8 k = (__mmask8)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_pd(y + i, k, normalized8<RES, RELU>(x + i, RES ? res + i : res, mh, ml, sc, sh, true, k));
+    }
 }
 
 // One NC row of 16-bit data in registers (one channel's constants, broadcast), the last
@@ -1077,6 +1150,49 @@ FASTBN_INLINE void normalize_row(const T* x, T* y, const T* res, idx i0, idx i1,
     }
 }
 
+// Whether streamed NC rows of this data are written by normalize_row_streamed: where the
+// CPU has AVX-512 (channel_tiles_available; float16 also needs its in-register
+// conversions). The core's inference streams NC rows only then (_inference_rows_stream).
+inline bool streams_rows_from_registers(bool half_data) {
+#if FASTBN_HAVE_F16C
+    return channel_tiles_available() && (!half_data || half_converters().in_registers);
+#else
+    (void)half_data;
+    return false;
+#endif
+}
+
+// ... and whether a streamed row starting at y is (y aligned to its element size).
+template <class T> FASTBN_INLINE bool rows_stream_from_registers(const T* y) {
+    return streams_rows_from_registers(is_half<T>()) && ((uintptr_t)y % sizeof(T)) == 0;
+}
+
+template <class T>
+FASTBN_INLINE void stream_row_from_registers(const T* x, T* y, const T* res, idx n, const Affine<T>& a, bool relu) {
+#if FASTBN_HAVE_F16C
+    if constexpr (std::is_same<T, double>::value) {
+        if (res) {
+            if (relu) normalize_row_streamed_f64<true, true>(x, y, res, n, a);
+            else normalize_row_streamed_f64<true, false>(x, y, res, n, a);
+        } else {
+            if (relu) normalize_row_streamed_f64<false, true>(x, y, res, n, a);
+            else normalize_row_streamed_f64<false, false>(x, y, res, n, a);
+        }
+    } else {
+        const Affine<float> af(a);
+        if (res) {
+            if (relu) normalize_row_streamed<T, true, true>(x, y, res, n, af);
+            else normalize_row_streamed<T, true, false>(x, y, res, n, af);
+        } else {
+            if (relu) normalize_row_streamed<T, false, true>(x, y, res, n, af);
+            else normalize_row_streamed<T, false, false>(x, y, res, n, af);
+        }
+    }
+#else
+    (void)x; (void)y; (void)res; (void)n; (void)a; (void)relu;
+#endif
+}
+
 template <class T>
 FASTBN_INLINE void normalize_span_nc(const T* xc, T* yc, idx sox, idx soy, Span s, const Affine<T>& a,
                                      const T* rc, idx sor, bool use_relu, bool stream) {
@@ -1084,7 +1200,12 @@ FASTBN_INLINE void normalize_span_nc(const T* xc, T* yc, idx sox, idx soy, Span 
         const T* xr = xc + r * sox + s.i0;
         const T* rr = rc ? rc + r * sor + s.i0 : (const T*)0;
         if (r + 1 < s.r1) prefetch_rows(xr + sox, sox, 1, 0, s.i1 - s.i0);
-        write_row(yc + r * soy + s.i0, s.i1 - s.i0, stream, [&](T* out, idx i, idx m) FASTBN_LAMBDA_INLINE {
+        T* yr = yc + r * soy + s.i0;
+        if (stream && rows_stream_from_registers<T>(yr)) {
+            stream_row_from_registers(xr, yr, rr, s.i1 - s.i0, a, use_relu);
+            continue;
+        }
+        write_row(yr, s.i1 - s.i0, stream, [&](T* out, idx i, idx m) FASTBN_LAMBDA_INLINE {
             if (rr) {
                 if (use_relu) normalize_row<T, true, true>(xr + i, out, rr + i, 0, m, a);
                 else normalize_row<T, true, false>(xr + i, out, rr + i, 0, m, a);

@@ -571,8 +571,10 @@ def _same_bits_both_ways(outputs, on, off):
                          ids=["long-rows", "channels-last"])
 def test_streaming_stores_give_the_same_bits(shape, axis):
     """Large training/backward outputs are written with non-temporal stores (through an
-    L1 staging buffer; the threshold is set here so that these arrays qualify); the bits
-    equal the ordinary-store path, edges included (odd sizes, unaligned row starts)."""
+    L1 staging buffer, or NC rows straight from registers), and so are inference outputs
+    of long NC rows (the threshold is set here so that these arrays qualify, inference's
+    twice it included); the bits equal the ordinary-store path, edges included (odd
+    sizes, unaligned row starts)."""
     from fastbn import _bn_cpu
     x = make_data(shape, np.float32, seed=21)
     dy = make_data(shape, np.float32, seed=22)
@@ -589,9 +591,30 @@ def test_streaming_stores_give_the_same_bits(shape, axis):
         return y, y_eval, dx, dx_frozen
 
     assert x.nbytes >= 8 << 20
-    streamed = _same_bits_both_ways(outputs, dict(stream_min_bytes=8 << 20),
+    streamed = _same_bits_both_ways(outputs, dict(stream_min_bytes=4 << 20),
                                     dict(stream_min_bytes=NEVER))
     assert_data_close(streamed[1], reference(fbn.batch_norm, x, rm, rv, w, b, axis=axis))
+
+
+def test_inference_streams_long_nc_rows_from_16_mib():
+    """Which inference outputs go out with streaming stores: NC rows of 1 KB or more, of
+    outputs of twice the training forward's size (16 MiB), where the CPU streams them
+    straight from registers (AVX-512); not 7x7 rows (196 bytes: most lines would be shared
+    by two rows), channels-last rows, nor NC rows staged through L1 (no faster than
+    ordinary stores)."""
+    from fastbn import _bn_cpu
+
+    def streams(shape, dtype=np.float32):
+        return _bn_cpu.inference_stream(np.empty(shape, dtype))
+
+    assert _bn_cpu.thresholds()[1] == 8 << 20
+    assert streams((8, 8, 70001)) == _bn_cpu.channel_tiles()  # 17.9 MB
+    assert streams((8, 4, 70001), np.float64) == _bn_cpu.channel_tiles()
+    assert not streams((8, 4, 70001))  # 9 MB
+    assert not streams((1400, 64, 49))  # 7x7 maps, 17.6 MB
+    assert not streams((262144, 16, 1))  # channels-last, 16.8 MB
+    with core_thresholds(stream_min_bytes=0):
+        assert streams((2, 3, 5001)) == _bn_cpu.channel_tiles()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -831,14 +854,16 @@ np.savez({path!r}, **_tile_outputs({dtype!r}, {stream!r}))
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["stored", "streamed"])
-@pytest.mark.parametrize("dtype_name", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("dtype_name", ["float32", "float64", "float16", "bfloat16"])
 def test_channel_tiles_give_the_same_bits(dtype_name, stream, tmp_path):
     """Channels-last passes with channel tiles in AVX-512 registers (the elementwise
     passes' constants, with masked tails, blocks of rows wider than a tile, streamed
     outputs through staging; the accumulators of the statistics and of the backward
-    sums), and NC rows of 16-bit data in registers with masked tails (7x7 rows, long
-    rows, strided rows), give the bits of the loops that a CPU without AVX-512 BW/VL
-    runs: the same outputs in a process with FASTBN_CHANNEL_TILES=off, byte for byte."""
+    sums), NC rows of 16-bit data in registers with masked tails (7x7 rows, long
+    rows, strided rows), and streamed NC rows of every dtype stored straight from
+    registers (masked ordinary stores for the partial lines at either end) give the bits
+    of the loops that a CPU without AVX-512 BW/VL runs: the same outputs in a process
+    with FASTBN_CHANNEL_TILES=off, byte for byte."""
     if dtype_name == "bfloat16":
         pytest.importorskip("ml_dtypes")
     if not _bn_cpu.channel_tiles():
