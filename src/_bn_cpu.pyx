@@ -311,28 +311,33 @@ def stream_output(cnp.ndarray out3):
                        cnp.PyArray_ITEMSIZE(out3))
 
 
-cdef inline bint _inference_rows_stream(idx nbytes, idx inner, idx itemsize,
+cdef inline bint _inference_rows_stream(idx nbytes, idx C, idx inner, idx itemsize,
                                         int code) noexcept nogil:
-    # Of the outputs _stream_out allows, inference streams NC rows of 1 KB or more from
-    # twice its size (16 MiB) where they go out straight from registers (bn_kernels.hpp,
-    # normalize_row_streamed). Inference streamed or stored, one build, in turn, cold
+    # Of the outputs _stream_out allows, inference streams those of twice its size (16
+    # MiB) whose rows go out straight from registers (bn_kernels.hpp): NC rows of 1 KB or
+    # more (normalize_row_streamed) and float32 channels-last rows of 16 channels or more
+    # (normalize_flat_streamed). Inference streamed or stored, one build, in turn, cold
     # inputs, 2 threads, on a host whose streamed copy drifted between 42 and 50 GB/s:
     # (32,64,56,56) float32 NC rows from registers 0.75-0.77x the stored time in one
-    # state of the host and 0.87-0.97x in another; staged through L1 0.99-1.10x. Below
-    # 16 MiB an output and its input fit the 32 MB last-level cache, where stored outputs
-    # were often the faster ((8,256,28,28) float64: 0.76x in the first state, 1.07-1.23x
-    # in the second; float16 (32,64,56,56) 0.75x and 1.11x). Channels-last rows (staged
-    # four at a time) 0.76-0.80x and then 0.91-1.08x, and 1.07-1.33x with 56 channels
-    # (rows that split lines): not streamed. 7x7 NC rows (196 bytes) 1.37x.
-    if inner == 1 or nbytes // 2 < _STREAM_MIN_BYTES:
+    # state of the host and 0.87-0.97x in another; staged through L1 0.99-1.10x.
+    # Channels-last (32,56,56,64) float32 from registers 0.77-0.80x, (32,28,28,256)
+    # 0.55x; staged four rows at a time 0.76-0.80x, then 0.91-1.08x, and 1.07-1.33x with
+    # 56 channels; float16 from registers 1.06-1.69x. Below 16 MiB an output and its
+    # input fit the 32 MB last-level cache, where stored outputs were often the faster
+    # ((8,256,28,28) float64: 0.76x in the first state, 1.07-1.23x in the second; float16
+    # (32,64,56,56) 0.75x and 1.11x). 7x7 NC rows (196 bytes) from registers 1.37x.
+    if nbytes // 2 < _STREAM_MIN_BYTES:
         return False
+    if inner == 1:
+        return code == 0 and C >= 16 and streams_rows_from_registers(False)
     return inner * itemsize >= 1024 and streams_rows_from_registers(code == 2)
 
 
 def inference_stream(cnp.ndarray out3):
     """Whether an inference streams its (outer, C, inner) output (_inference_rows_stream)."""
     return stream_output(out3) and _inference_rows_stream(
-        cnp.PyArray_NBYTES(out3), out3.shape[2], cnp.PyArray_ITEMSIZE(out3), _dtype_code(out3))
+        cnp.PyArray_NBYTES(out3), out3.shape[1], out3.shape[2], cnp.PyArray_ITEMSIZE(out3),
+        _dtype_code(out3))
 
 
 cdef enum:
@@ -2082,7 +2087,7 @@ def plain_inference(x, running_mean, running_var, weight, bias, momentum, eps, a
             return None
         inference_scales(s.C, w, rv, epsilon, scale)
         n_threads = _threads_stream(y, s, &stream)
-        stream = stream and _inference_rows_stream(cnp.PyArray_NBYTES(y), s.inner,
+        stream = stream and _inference_rows_stream(cnp.PyArray_NBYTES(y), s.C, s.inner,
                                                    cnp.PyArray_ITEMSIZE(y), code)
         _run_normalize(_view3(xa, s), _view3(y, s), rm, scale, b, n_threads,
                        None if residual is None else _view3(residual, s), relu, stream)

@@ -597,11 +597,11 @@ def test_streaming_stores_give_the_same_bits(shape, axis):
 
 
 def test_inference_streams_long_nc_rows_from_16_mib():
-    """Which inference outputs go out with streaming stores: NC rows of 1 KB or more, of
-    outputs of twice the training forward's size (16 MiB), where the CPU streams them
-    straight from registers (AVX-512); not 7x7 rows (196 bytes: most lines would be shared
-    by two rows), channels-last rows, nor NC rows staged through L1 (no faster than
-    ordinary stores)."""
+    """Which inference outputs go out with streaming stores: of outputs of twice the
+    training forward's size (16 MiB), where the CPU streams rows straight from registers
+    (AVX-512), NC rows of 1 KB or more and float32 channels-last rows of 16 channels or
+    more; not 7x7 rows (196 bytes: most lines would be shared by two rows), nor rows
+    staged through L1 (no faster than ordinary stores, or slower)."""
     from fastbn import _bn_cpu
 
     def streams(shape, dtype=np.float32):
@@ -612,7 +612,10 @@ def test_inference_streams_long_nc_rows_from_16_mib():
     assert streams((8, 4, 70001), np.float64) == _bn_cpu.channel_tiles()
     assert not streams((8, 4, 70001))  # 9 MB
     assert not streams((1400, 64, 49))  # 7x7 maps, 17.6 MB
-    assert not streams((262144, 16, 1))  # channels-last, 16.8 MB
+    assert streams((262144, 16, 1)) == _bn_cpu.channel_tiles()  # channels-last, 16.8 MB
+    assert not streams((1048576, 4, 1))  # 4 channels
+    assert not streams((524288, 16, 1), np.float16)
+    assert not streams((131072, 16, 1))  # 8.4 MB
     with core_thresholds(stream_min_bytes=0):
         assert streams((2, 3, 5001)) == _bn_cpu.channel_tiles()
 
