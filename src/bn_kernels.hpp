@@ -1052,29 +1052,62 @@ FASTBN_AVX512_TILES FASTBN_INLINE void stream16(bf16* p, __m512 v) {
     _mm256_stream_si256((__m256i*)p, Lanes16<bf16>::narrow(v));
 }
 
-// A streamed row of y computed in registers and stored straight from them: masked
+// The constants of each vector of a streamed run (stream_normalized): one channel's,
+// broadcast (an NC row) ...
+struct OneChannel {
+    __m512 v[4];
+    FASTBN_AVX512_TILES explicit OneChannel(const Affine<float>& a)
+        : v{_mm512_set1_ps(a.mean_hi), _mm512_set1_ps(a.mean_lo), _mm512_set1_ps(a.scale), _mm512_set1_ps(a.shift)} {}
+    FASTBN_AVX512_TILES FASTBN_INLINE void get(__m512* out) const {
+        for (int j = 0; j < 4; ++j) out[j] = v[j];
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE void advance(idx) {}
+};
+
+// ... or those of the 16 columns c, c + 1, ... under it in channels-last rows that follow
+// each other (wrapping to the next row's first columns past C; C >= 16): one load, or two
+// masked ones (lanes masked out are not read). k: prepare_channel_constants' float arrays
+// mh, ml, sc, sh of C each; element 0 of the run is column 0.
+struct ChannelColumns {
+    const float* k;
+    idx C, c;
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512 at(const float* a, idx c, idx C) {
+        if (c + 16 <= C) return _mm512_loadu_ps(a + c);
+        const __mmask16 here = (__mmask16)((1u << (C - c)) - 1u);
+        return _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(here, a + c), (__mmask16)~here, a + c - C);
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE void get(__m512* out) const {
+        for (int j = 0; j < 4; ++j) out[j] = at(k + j * C, c, C);
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE void advance(idx m) {
+        c += m;
+        if (c >= C) c -= C;
+    }
+};
+
+// A streamed run of y computed in registers and stored straight from them: masked
 // ordinary stores up to y's first 64-byte boundary and after its last, streaming stores
 // for the whole lines between. No line is written partly streamed (slow), and nothing goes
 // through an L1 stage: staging a piece and then streaming it left the reads idle while
 // the stores drained (cold (32,64,56,56) float32 inference, 2 threads: see the README).
-template <class T, bool RES, bool RELU>
-FASTBN_AVX512_TILES void normalize_row_streamed(const T* x, T* y, const T* res, idx n, const Affine<float>& a) {
-    const __m512 mh = _mm512_set1_ps(a.mean_hi), ml = _mm512_set1_ps(a.mean_lo);
-    const __m512 sc = _mm512_set1_ps(a.scale), sh = _mm512_set1_ps(a.shift);
+template <class T, bool RES, bool RELU, class Consts>
+FASTBN_AVX512_TILES void stream_normalized(const T* x, T* y, const T* res, idx n, Consts k) {
     const idx line = 64 / (idx)sizeof(T);
     idx head = (idx)(((64 - ((uintptr_t)y & 63)) & 63) / sizeof(T));
     if (head > n) head = n;
-    idx i = 0;
-    for (idx m; i < head; i += m) {
-        m = head - i < 16 ? head - i : 16;
-        normalize16<T, RES, RELU>(x + i, RES ? res + i : res, y + i, mh, ml, sc, sh, true, (__mmask16)((1u << m) - 1u));
-    }
-    for (; i + line <= n; i += line)
-        for (idx j = 0; j < line; j += 16)
-            stream16(y + i + j, normalized16<T, RES, RELU>(x + i + j, RES ? res + i + j : res, mh, ml, sc, sh, false, 0));
-    for (; i < n; i += 16) {
-        const idx m = n - i < 16 ? n - i : 16;
-        normalize16<T, RES, RELU>(x + i, RES ? res + i : res, y + i, mh, ml, sc, sh, true, (__mmask16)((1u << m) - 1u));
+    const idx body_end = head + (n - head) / line * line;
+    __m512 kv[4];
+    for (idx i = 0, m; i < n; i += m) {
+        const bool body = i >= head && i < body_end;
+        m = body ? 16 : (i < head ? head - i : n - i);
+        if (m > 16) m = 16;
+        const __mmask16 lanes = (__mmask16)((1u << m) - 1u);
+        k.get(kv);
+        const __m512 v = normalized16<T, RES, RELU>(x + i, RES ? res + i : res, kv[0], kv[1], kv[2], kv[3], m < 16, lanes);
+        if (body) stream16(y + i, v);
+        else if (m < 16) Lanes16<T>::store(y + i, v, lanes);
+        else Lanes16<T>::store(y + i, v);
+        k.advance(m);
     }
 }
 
@@ -1150,52 +1183,7 @@ FASTBN_INLINE void normalize_row(const T* x, T* y, const T* res, idx i0, idx i1,
     }
 }
 
-#if FASTBN_HAVE_F16C
-// The constants of the 16 columns c, c + 1, ... of a channels-last row (wrapping to the
-// next row's first columns past C; C >= 16): one load, or two masked ones (lanes masked
-// out are not read).
-FASTBN_AVX512_TILES FASTBN_INLINE __m512 column_constants(const float* a, idx c, idx C) {
-    if (c + 16 <= C) return _mm512_loadu_ps(a + c);
-    const __mmask16 here = (__mmask16)((1u << (C - c)) - 1u);
-    return _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(here, a + c), (__mmask16)~here, a + c - C);
-}
-
-// Channels-last rows that follow each other (row stride C in x, y and res) streamed as
-// one flat run straight from registers, as normalize_row_streamed does NC rows: masked
-// ordinary stores up to y's first 64-byte boundary and after its last, streaming stores
-// for the whole lines between, each vector with the constants of its 16 columns
-// (column_constants; element 0 is column 0). The arithmetic of normalize_row_nlc.
-// k: prepare_channel_constants' float arrays mh, ml, sc, sh of C each.
-template <class T, bool RES, bool RELU>
-FASTBN_AVX512_TILES FASTBN_INLINE void normalize_flat16(const T* x, T* y, const T* res, idx m, idx c, idx C,
-                                                        const float* k, bool streamed) {
-    const __mmask16 lanes = (__mmask16)((1u << m) - 1u);
-    const __m512 v = normalized16<T, RES, RELU>(x, res, column_constants(k, c, C), column_constants(k + C, c, C),
-                                                column_constants(k + 2 * C, c, C), column_constants(k + 3 * C, c, C),
-                                                m < 16, lanes);
-    if (streamed) stream16(y, v);
-    else if (m < 16) Lanes16<T>::store(y, v, lanes);
-    else Lanes16<T>::store(y, v);
-}
-
-template <class T, bool RES, bool RELU>
-FASTBN_AVX512_TILES void normalize_flat_streamed(const T* x, T* y, const T* res, idx n, idx C, const float* k) {
-    const idx line = 64 / (idx)sizeof(T);
-    idx head = (idx)(((64 - ((uintptr_t)y & 63)) & 63) / sizeof(T));
-    if (head > n) head = n;
-    const idx body_end = head + (n - head) / line * line;
-    idx i = 0, c = 0;
-    for (idx m; i < n; i += m) {
-        const bool body = i >= head && i < body_end;
-        m = body ? 16 : (i < head ? head - i : n - i);
-        if (m > 16) m = 16;
-        normalize_flat16<T, RES, RELU>(x + i, y + i, RES ? res + i : res, m, c, C, k, body);
-        c += m;
-        if (c >= C) c -= C;
-    }
-}
-#endif
-// Whether streamed NC rows of this data are written by normalize_row_streamed: where the
+// Whether streamed NC rows of this data are written by stream_normalized: where the
 // CPU has AVX-512 (channel_tiles_available; float16 also needs its in-register
 // conversions). The core's inference streams NC rows only then (_inference_rows_stream).
 inline bool streams_rows_from_registers(bool half_data) {
@@ -1226,11 +1214,11 @@ FASTBN_INLINE void stream_row_from_registers(const T* x, T* y, const T* res, idx
     } else {
         const Affine<float> af(a);
         if (res) {
-            if (relu) normalize_row_streamed<T, true, true>(x, y, res, n, af);
-            else normalize_row_streamed<T, true, false>(x, y, res, n, af);
+            if (relu) stream_normalized<T, true, true>(x, y, res, n, OneChannel(af));
+            else stream_normalized<T, true, false>(x, y, res, n, OneChannel(af));
         } else {
-            if (relu) normalize_row_streamed<T, false, true>(x, y, res, n, af);
-            else normalize_row_streamed<T, false, false>(x, y, res, n, af);
+            if (relu) stream_normalized<T, false, true>(x, y, res, n, OneChannel(af));
+            else stream_normalized<T, false, false>(x, y, res, n, OneChannel(af));
         }
     }
 #else
@@ -2872,12 +2860,13 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
             T* ys = y + r0 * C;
             const T* rs = e.res ? (const T*)e.res + r0 * C : (const T*)0;
             const idx n = (r1 - r0) * C;
+            const ChannelColumns cols = {(const float*)buf, C, 0};
             if (rs) {
-                if (e.relu) normalize_flat_streamed<T, true, true>(xs, ys, rs, n, C, (const float*)buf);
-                else normalize_flat_streamed<T, true, false>(xs, ys, rs, n, C, (const float*)buf);
+                if (e.relu) stream_normalized<T, true, true>(xs, ys, rs, n, cols);
+                else stream_normalized<T, true, false>(xs, ys, rs, n, cols);
             } else {
-                if (e.relu) normalize_flat_streamed<T, false, true>(xs, ys, rs, n, C, (const float*)buf);
-                else normalize_flat_streamed<T, false, false>(xs, ys, rs, n, C, (const float*)buf);
+                if (e.relu) stream_normalized<T, false, true>(xs, ys, rs, n, cols);
+                else stream_normalized<T, false, false>(xs, ys, rs, n, cols);
             }
             stream_fence();
             return;
