@@ -1052,23 +1052,24 @@ FASTBN_AVX512_TILES FASTBN_INLINE void stream16(bf16* p, __m512 v) {
     _mm256_stream_si256((__m256i*)p, Lanes16<bf16>::narrow(v));
 }
 
-// The constants of each vector of a streamed run (stream_normalized): one channel's,
+// The constants of each vector of a streamed run (stream_run): one channel's N,
 // broadcast (an NC row) ...
-struct OneChannel {
-    __m512 v[4];
-    FASTBN_AVX512_TILES explicit OneChannel(const Affine<float>& a)
-        : v{_mm512_set1_ps(a.mean_hi), _mm512_set1_ps(a.mean_lo), _mm512_set1_ps(a.scale), _mm512_set1_ps(a.shift)} {}
+template <int N> struct OneChannel {
+    __m512 v[N];
+    FASTBN_AVX512_TILES explicit OneChannel(const float (&c)[N]) {
+        for (int j = 0; j < N; ++j) v[j] = _mm512_set1_ps(c[j]);
+    }
     FASTBN_AVX512_TILES FASTBN_INLINE void get(__m512* out) const {
-        for (int j = 0; j < 4; ++j) out[j] = v[j];
+        for (int j = 0; j < N; ++j) out[j] = v[j];
     }
     FASTBN_AVX512_TILES FASTBN_INLINE void advance(idx) {}
 };
 
 // ... or those of the 16 columns c, c + 1, ... under it in channels-last rows that follow
 // each other (wrapping to the next row's first columns past C; C >= 16): one load, or two
-// masked ones (lanes masked out are not read). k: prepare_channel_constants' float arrays
-// mh, ml, sc, sh of C each; element 0 of the run is column 0.
-struct ChannelColumns {
+// masked ones (lanes masked out are not read). k: the first N of prepare_channel_constants'
+// float arrays of C each; element 0 of the run is column 0.
+template <int N> struct ChannelColumns {
     const float* k;
     idx C, c;
     FASTBN_AVX512_TILES FASTBN_INLINE static __m512 at(const float* a, idx c, idx C) {
@@ -1077,7 +1078,7 @@ struct ChannelColumns {
         return _mm512_mask_loadu_ps(_mm512_maskz_loadu_ps(here, a + c), (__mmask16)~here, a + c - C);
     }
     FASTBN_AVX512_TILES FASTBN_INLINE void get(__m512* out) const {
-        for (int j = 0; j < 4; ++j) out[j] = at(k + j * C, c, C);
+        for (int j = 0; j < N; ++j) out[j] = at(k + j * C, c, C);
     }
     FASTBN_AVX512_TILES FASTBN_INLINE void advance(idx m) {
         c += m;
@@ -1085,50 +1086,79 @@ struct ChannelColumns {
     }
 };
 
-// A streamed run of y computed in registers and stored straight from them: masked
-// ordinary stores up to y's first 64-byte boundary and after its last, streaming stores
-// for the whole lines between. No line is written partly streamed (slow), and nothing goes
-// through an L1 stage: staging a piece and then streaming it left the reads idle while
-// the stores drained (cold (32,64,56,56) float32 inference, 2 threads: see the README).
-template <class T, bool RES, bool RELU, class Consts>
-FASTBN_AVX512_TILES void stream_normalized(const T* x, T* y, const T* res, idx n, Consts k) {
+// The vectors of a streamed run: 16 lanes (in float) of float32 or 16-bit data, 8 of
+// float64; store: the first m lanes (all: one ordinary store), stream: a whole vector.
+FASTBN_INLINE __mmask16 first_lanes16(idx m) { return (__mmask16)((1u << m) - 1u); }
+FASTBN_INLINE __mmask8 first_lanes8(idx m) { return (__mmask8)((1u << m) - 1u); }
+template <class T> struct RunLanes {
+    typedef __m512 V;
+    static const idx n = 16;
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(T* p, V v, idx m) {
+        if (m < 16) Lanes16<T>::store(p, v, first_lanes16(m));
+        else Lanes16<T>::store(p, v);
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void stream(T* p, V v) { stream16(p, v); }
+};
+template <> struct RunLanes<double> {
+    typedef __m512d V;
+    static const idx n = 8;
+    FASTBN_AVX512_TILES FASTBN_INLINE static void store(double* p, V v, idx m) {
+        if (m < 8) _mm512_mask_storeu_pd(p, first_lanes8(m), v);
+        else _mm512_storeu_pd(p, v);
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE static void stream(double* p, V v) { _mm512_stream_pd(p, v); }
+};
+
+// A streamed run of n outputs at y computed in registers (values.next(i, m): outputs
+// [i, i + m), m <= one vector, lanes past m masked) and stored straight from them:
+// masked ordinary stores up to y's first 64-byte boundary and after its last, streaming
+// stores for the whole lines between. No line is written partly streamed (slow), and
+// nothing goes through an L1 stage: staging a piece and then streaming it left the reads
+// idle while the stores drained (cold (32,64,56,56) float32 inference, 2 threads: see the
+// README).
+template <class T, class Values>
+FASTBN_AVX512_TILES void stream_run(T* y, idx n, Values values) {
+    typedef RunLanes<T> L;
     const idx line = 64 / (idx)sizeof(T);
     idx head = (idx)(((64 - ((uintptr_t)y & 63)) & 63) / sizeof(T));
     if (head > n) head = n;
     const idx body_end = head + (n - head) / line * line;
-    __m512 kv[4];
     for (idx i = 0, m; i < n; i += m) {
         const bool body = i >= head && i < body_end;
-        m = body ? 16 : (i < head ? head - i : n - i);
-        if (m > 16) m = 16;
-        const __mmask16 lanes = (__mmask16)((1u << m) - 1u);
-        k.get(kv);
-        const __m512 v = normalized16<T, RES, RELU>(x + i, RES ? res + i : res, kv[0], kv[1], kv[2], kv[3], m < 16, lanes);
-        if (body) stream16(y + i, v);
-        else if (m < 16) Lanes16<T>::store(y + i, v, lanes);
-        else Lanes16<T>::store(y + i, v);
-        k.advance(m);
+        m = body ? L::n : (i < head ? head - i : n - i);
+        if (m > L::n) m = L::n;
+        const typename L::V v = values.next(i, m);
+        if (body) L::stream(y + i, v);
+        else L::store(y + i, v, m);
     }
 }
 
-template <bool RES, bool RELU>
-FASTBN_AVX512_TILES void normalize_row_streamed_f64(const double* x, double* y, const double* res, idx n,
-                                                    const Affine<double>& a) {
-    const __m512d mh = _mm512_set1_pd(a.mean_hi), ml = _mm512_set1_pd(a.mean_lo);
-    const __m512d sc = _mm512_set1_pd(a.scale), sh = _mm512_set1_pd(a.shift);
-    idx head = (idx)(((64 - ((uintptr_t)y & 63)) & 63) / sizeof(double));
-    if (head > n) head = n;
-    if (head)
-        _mm512_mask_storeu_pd(y, (__mmask8)((1u << head) - 1u),
-                              normalized8<RES, RELU>(x, res, mh, ml, sc, sh, true, (__mmask8)((1u << head) - 1u)));
-    idx i = head;
-    for (; i + 8 <= n; i += 8)
-        _mm512_stream_pd(y + i, normalized8<RES, RELU>(x + i, RES ? res + i : res, mh, ml, sc, sh, false, 0));
-    if (i < n) {
-        const __mmask8 k = (__mmask8)((1u << (n - i)) - 1u);
-        _mm512_mask_storeu_pd(y + i, k, normalized8<RES, RELU>(x + i, RES ? res + i : res, mh, ml, sc, sh, true, k));
+// The values of stream_run: the normalized output (normalized16, constants mean_hi,
+// mean_lo, scale, shift) ...
+template <class T, bool RES, bool RELU, class Consts> struct NormalizedRun {
+    const T* x;
+    const T* res;
+    Consts k;
+    FASTBN_AVX512_TILES FASTBN_INLINE __m512 next(idx i, idx m) {
+        __m512 kv[4];
+        k.get(kv);
+        const __m512 v = normalized16<T, RES, RELU>(x + i, RES ? res + i : res, kv[0], kv[1], kv[2], kv[3], m < 16,
+                                                    first_lanes16(m));
+        k.advance(m);
+        return v;
     }
-}
+};
+template <bool RES, bool RELU> struct NormalizedRunF64 {
+    const double* x;
+    const double* res;
+    __m512d mh, ml, sc, sh;
+    FASTBN_AVX512_TILES NormalizedRunF64(const double* x_, const double* res_, const Affine<double>& a)
+        : x(x_), res(res_), mh(_mm512_set1_pd(a.mean_hi)), ml(_mm512_set1_pd(a.mean_lo)),
+          sc(_mm512_set1_pd(a.scale)), sh(_mm512_set1_pd(a.shift)) {}
+    FASTBN_AVX512_TILES FASTBN_INLINE __m512d next(idx i, idx m) {
+        return normalized8<RES, RELU>(x + i, RES ? res + i : res, mh, ml, sc, sh, m < 8, first_lanes8(m));
+    }
+};
 
 // One NC row of 16-bit data in registers (one channel's constants, broadcast), the last
 // partial vector masked: a row of 49 (7x7) is three vectors and one masked one, where
@@ -1183,7 +1213,7 @@ FASTBN_INLINE void normalize_row(const T* x, T* y, const T* res, idx i0, idx i1,
     }
 }
 
-// Whether streamed NC rows of this data are written by stream_normalized: where the
+// Whether streamed NC rows of this data are written by stream_run: where the
 // CPU has AVX-512 (channel_tiles_available; float16 also needs its in-register
 // conversions). The core's inference streams NC rows only then (_inference_rows_stream).
 inline bool streams_rows_from_registers(bool half_data) {
@@ -1200,30 +1230,29 @@ template <class T> FASTBN_INLINE bool rows_stream_from_registers(const T* y) {
     return streams_rows_from_registers(is_half<T>()) && ((uintptr_t)y % sizeof(T)) == 0;
 }
 
-template <class T>
-FASTBN_INLINE void stream_row_from_registers(const T* x, T* y, const T* res, idx n, const Affine<T>& a, bool relu) {
+template <class T, bool RES, bool RELU>
+FASTBN_INLINE void stream_row_from_registers(const T* x, T* y, const T* res, idx n, const Affine<T>& a) {
 #if FASTBN_HAVE_F16C
     if constexpr (std::is_same<T, double>::value) {
-        if (res) {
-            if (relu) normalize_row_streamed_f64<true, true>(x, y, res, n, a);
-            else normalize_row_streamed_f64<true, false>(x, y, res, n, a);
-        } else {
-            if (relu) normalize_row_streamed_f64<false, true>(x, y, res, n, a);
-            else normalize_row_streamed_f64<false, false>(x, y, res, n, a);
-        }
+        stream_run(y, n, NormalizedRunF64<RES, RELU>(x, res, a));
     } else {
-        const Affine<float> af(a);
-        if (res) {
-            if (relu) stream_normalized<T, true, true>(x, y, res, n, OneChannel(af));
-            else stream_normalized<T, true, false>(x, y, res, n, OneChannel(af));
-        } else {
-            if (relu) stream_normalized<T, false, true>(x, y, res, n, OneChannel(af));
-            else stream_normalized<T, false, false>(x, y, res, n, OneChannel(af));
-        }
+        const float k[4] = {(float)a.mean_hi, (float)a.mean_lo, (float)a.scale, (float)a.shift};
+        stream_run(y, n, NormalizedRun<T, RES, RELU, OneChannel<4>>{x, res, OneChannel<4>(k)});
     }
 #else
-    (void)x; (void)y; (void)res; (void)n; (void)a; (void)relu;
+    (void)x; (void)y; (void)res; (void)n; (void)a;
 #endif
+}
+
+template <class T>
+FASTBN_INLINE void stream_row_from_registers(const T* x, T* y, const T* res, idx n, const Affine<T>& a, bool relu) {
+    if (res) {
+        if (relu) stream_row_from_registers<T, true, true>(x, y, res, n, a);
+        else stream_row_from_registers<T, true, false>(x, y, res, n, a);
+    } else {
+        if (relu) stream_row_from_registers<T, false, true>(x, y, res, n, a);
+        else stream_row_from_registers<T, false, false>(x, y, res, n, a);
+    }
 }
 
 template <class T>
@@ -1591,23 +1620,71 @@ FASTBN_AVX512_HALF void backward_row_nlc_half_in_registers(const half* g, const 
 // 16 lanes of backward_row's arithmetic (see normalize16), and one NC row of 16-bit data
 // (see normalize_row_lanes).
 template <class T, bool MASK, bool DRES, bool FROZEN>
-FASTBN_AVX512_TILES FASTBN_INLINE void backward16(const T* g, const T* x, const T* y, T* d, T* dr, __m512 a, __m512 b,
-                                                  __m512 c, __m512 mh, __m512 ml, bool masked, __mmask16 k) {
+FASTBN_AVX512_TILES FASTBN_INLINE __m512 backward_value16(const T* g, const T* x, const T* y, T* dr, __m512 a,
+                                                          __m512 b, __m512 c, __m512 mh, __m512 ml, bool masked,
+                                                          __mmask16 k) {
     const __m512 gv = masked_grad16<T, MASK>(g, y, masked, k);
     if (DRES) {
         if (masked) Lanes16<T>::store(dr, gv, k);
         else Lanes16<T>::store(dr, gv);
     }
-    __m512 v;
-    if (FROZEN) {
-        v = _mm512_mul_ps(gv, a);
-    } else {
-        const __m512 xm = _mm512_sub_ps(_mm512_sub_ps(masked ? Lanes16<T>::load(x, k) : Lanes16<T>::load(x), mh), ml);
-        v = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(gv, a), _mm512_mul_ps(xm, b)), c);
-    }
+    if (FROZEN) return _mm512_mul_ps(gv, a);
+    const __m512 xm = _mm512_sub_ps(_mm512_sub_ps(masked ? Lanes16<T>::load(x, k) : Lanes16<T>::load(x), mh), ml);
+    return _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(gv, a), _mm512_mul_ps(xm, b)), c);
+}
+template <class T, bool MASK, bool DRES, bool FROZEN>
+FASTBN_AVX512_TILES FASTBN_INLINE void backward16(const T* g, const T* x, const T* y, T* d, T* dr, __m512 a, __m512 b,
+                                                  __m512 c, __m512 mh, __m512 ml, bool masked, __mmask16 k) {
+    const __m512 v = backward_value16<T, MASK, DRES, FROZEN>(g, x, y, dr, a, b, c, mh, ml, masked, k);
     if (masked) Lanes16<T>::store(d, v, k);
     else Lanes16<T>::store(d, v);
 }
+
+// The values of stream_run for dx (backward_value16; constants mean_hi, mean_lo, a, b, c
+// as prepare_channel_constants lays them out) ...
+template <class T, bool MASK, bool DRES, bool FROZEN, class Consts> struct BackwardRun {
+    const T* g;
+    const T* x;
+    const T* y;
+    T* dr;
+    Consts k;
+    FASTBN_AVX512_TILES FASTBN_INLINE __m512 next(idx i, idx m) {
+        __m512 kv[5];
+        k.get(kv);
+        const __m512 v = backward_value16<T, MASK, DRES, FROZEN>(g + i, FROZEN ? x : x + i, MASK ? y + i : y,
+                                                                 DRES ? dr + i : dr, kv[2], kv[3], kv[4], kv[0], kv[1],
+                                                                 m < 16, first_lanes16(m));
+        k.advance(m);
+        return v;
+    }
+};
+
+// ... and for float64 dx, 8 lanes: backward_row<double>'s arithmetic in its order.
+template <bool MASK, bool DRES, bool FROZEN> struct BackwardRunF64 {
+    const double *g, *x, *y;
+    double* dr;
+    __m512d a, b, c, mh, ml;
+    FASTBN_AVX512_TILES BackwardRunF64(const double* g_, const double* x_, const double* y_, double* dr_,
+                                       const BackwardCoef<double>& k)
+        : g(g_), x(x_), y(y_), dr(dr_), a(_mm512_set1_pd(k.a)), b(_mm512_set1_pd(k.b)), c(_mm512_set1_pd(k.c)),
+          mh(_mm512_set1_pd(k.mean_hi)), ml(_mm512_set1_pd(k.mean_lo)) {}
+    FASTBN_AVX512_TILES FASTBN_INLINE static __m512d load(const double* p, bool masked, __mmask8 k) {
+        return masked ? _mm512_maskz_loadu_pd(k, p) : _mm512_loadu_pd(p);
+    }
+    FASTBN_AVX512_TILES FASTBN_INLINE __m512d next(idx i, idx m) {
+        const bool masked = m < 8;
+        const __mmask8 k = first_lanes8(m);
+        __m512d gv = load(g + i, masked, k);
+        if (MASK) gv = _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(load(y + i, masked, k), _mm512_setzero_pd(), _CMP_GT_OQ), gv);
+        if (DRES) {
+            if (masked) _mm512_mask_storeu_pd(dr + i, k, gv);
+            else _mm512_storeu_pd(dr + i, gv);
+        }
+        if (FROZEN) return _mm512_mul_pd(gv, a);
+        const __m512d xm = _mm512_sub_pd(_mm512_sub_pd(load(x + i, masked, k), mh), ml);
+        return _mm512_add_pd(_mm512_add_pd(_mm512_mul_pd(gv, a), _mm512_mul_pd(xm, b)), c);
+    }
+};
 
 template <class T, bool MASK, bool DRES, bool FROZEN>
 FASTBN_AVX512_TILES void backward_row_lanes(const T* g, const T* x, const T* y, T* d, T* dr, idx n,
@@ -1681,9 +1758,42 @@ FASTBN_INLINE void backward_row_any(const T* g, const T* x, const T* y, T* d, T*
     else backward_row<T, true, true, FROZEN>(g, x, y, d, dr, i0, i1, k);
 }
 
+// One NC row of dx streamed from registers (see stream_row_from_registers): y, dr as in
+// backward_row_any.
+template <class T, bool MASK, bool DRES, bool FROZEN>
+FASTBN_INLINE void stream_backward_row_from_registers(const T* g, const T* x, const T* y, T* d, T* dr, idx n,
+                                                      const BackwardCoef<T>& k) {
+#if FASTBN_HAVE_F16C
+    if constexpr (std::is_same<T, double>::value) {
+        stream_run(d, n, BackwardRunF64<MASK, DRES, FROZEN>(g, x, y, dr, k));
+    } else {
+        const float kf[5] = {(float)k.mean_hi, (float)k.mean_lo, (float)k.a, (float)k.b, (float)k.c};
+        stream_run(d, n, BackwardRun<T, MASK, DRES, FROZEN, OneChannel<5>>{g, x, y, dr, OneChannel<5>(kf)});
+    }
+#else
+    (void)g; (void)x; (void)y; (void)d; (void)dr; (void)n; (void)k;
+#endif
+}
+
+template <class T, bool FROZEN>
+FASTBN_INLINE void stream_backward_row_from_registers(const T* g, const T* x, const T* y, T* d, T* dr, idx n,
+                                                      const BackwardCoef<T>& k) {
+    if (!y) stream_backward_row_from_registers<T, false, false, FROZEN>(g, x, y, d, dr, n, k);
+    else if (!dr) stream_backward_row_from_registers<T, true, false, FROZEN>(g, x, y, d, dr, n, k);
+    else stream_backward_row_from_registers<T, true, true, FROZEN>(g, x, y, d, dr, n, k);
+}
+
+// Streamed rows go out from registers (stream_backward_row_from_registers) where that
+// path exists and from_registers is set: reading dy and x from memory (the split
+// primitive) that was faster (cold (32,64,56,56) float32, 2 threads, builds in turn:
+// 2.90-3.10 -> 2.26-2.33 ms; float64 (16,256,28,28) 2.81-2.85 -> 2.50-2.54; float16
+// 1.57-1.59 -> 1.45-1.48), but the fused backward, which reads them from L2, keeps the
+// L1 stage: from registers it was no faster in float32 (2.52-2.74 -> 2.56-2.76 ms) and
+// slower in float64 (2.17-2.31 -> 2.41-2.54).
 template <class T>
 FASTBN_INLINE void backward_span_nc(const T* dyc, const T* xc, T* dxc, idx sody, idx sox, idx sodx, Span s,
-                                    const BackwardCoef<T>& k, bool frozen, const Activation& act, idx c) {
+                                    const BackwardCoef<T>& k, bool frozen, const Activation& act, idx c,
+                                    bool from_registers = true) {
     const T* yc = channel_ptr<T>(act.y, c, act.y_sc);
     T* drc = (T*)channel_ptr<T>(act.dres, c, act.dres_sc);
     for (idx r = s.r0; r < s.r1; ++r) {
@@ -1691,7 +1801,13 @@ FASTBN_INLINE void backward_span_nc(const T* dyc, const T* xc, T* dxc, idx sody,
         const T* x = xc + r * sox + s.i0;
         const T* y = yc ? yc + r * act.y_so + s.i0 : (const T*)0;
         T* dr = drc ? drc + r * act.dres_so + s.i0 : (T*)0;
-        write_row(dxc + r * sodx + s.i0, s.i1 - s.i0, act.stream, [&](T* out, idx i, idx m) FASTBN_LAMBDA_INLINE {
+        T* d = dxc + r * sodx + s.i0;
+        if (act.stream && from_registers && rows_stream_from_registers<T>(d)) {
+            if (frozen) stream_backward_row_from_registers<T, true>(g, x, y, d, dr, s.i1 - s.i0, k);
+            else stream_backward_row_from_registers<T, false>(g, x, y, d, dr, s.i1 - s.i0, k);
+            continue;
+        }
+        write_row(d, s.i1 - s.i0, act.stream, [&](T* out, idx i, idx m) FASTBN_LAMBDA_INLINE {
             const T* yi = y ? y + i : (const T*)0;
             T* dri = dr ? dr + i : (T*)0;
             if (frozen) backward_row_any<T, true>(g + i, x + i, yi, out, dri, 0, m, k);
@@ -1811,7 +1927,7 @@ FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx so
             Span s = nc_chunk(g, ch);
             Sums p = chunk_sums_nc_impl(dyc, xc, sody, sox, s, mean, act, c);
             t.dy += p.dy; t.dy_xmu += p.dy_xmu;
-            backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, k, true, act, c);
+            backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, k, true, act, c, false);
         }
         if (act.stream) stream_fence();
         return t;
@@ -1831,7 +1947,7 @@ FASTBN_CLONES Sums backward_channel_nc(const T* dyc, const T* xc, T* dxc, idx so
                 prefetch_next_channel_row(dy_next, sody, r, p0, p1);
                 prefetch_next_channel_row(x_next, sox, r, p0, p1);
                 Span piece = {r, r + 1, p0, p1};
-                backward_span_nc(dyc, xc, dxc, sody, sox, sodx, piece, k, false, act, c);
+                backward_span_nc(dyc, xc, dxc, sody, sox, sodx, piece, k, false, act, c, false);
             });
     }
     if (act.stream) stream_fence();
@@ -2860,13 +2976,13 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
             T* ys = y + r0 * C;
             const T* rs = e.res ? (const T*)e.res + r0 * C : (const T*)0;
             const idx n = (r1 - r0) * C;
-            const ChannelColumns cols = {(const float*)buf, C, 0};
+            const ChannelColumns<4> cols = {(const float*)buf, C, 0};
             if (rs) {
-                if (e.relu) stream_normalized<T, true, true>(xs, ys, rs, n, cols);
-                else stream_normalized<T, true, false>(xs, ys, rs, n, cols);
+                if (e.relu) stream_run(ys, n, NormalizedRun<T, true, true, ChannelColumns<4>>{xs, rs, cols});
+                else stream_run(ys, n, NormalizedRun<T, true, false, ChannelColumns<4>>{xs, rs, cols});
             } else {
-                if (e.relu) stream_normalized<T, false, true>(xs, ys, rs, n, cols);
-                else stream_normalized<T, false, false>(xs, ys, rs, n, cols);
+                if (e.relu) stream_run(ys, n, NormalizedRun<T, false, true, ChannelColumns<4>>{xs, rs, cols});
+                else stream_run(ys, n, NormalizedRun<T, false, false, ChannelColumns<4>>{xs, rs, cols});
             }
             stream_fence();
             return;
@@ -3426,10 +3542,47 @@ FASTBN_INLINE bool backward_nlc_in_tiles(const T* dy, const T* x, T* dx, idx srd
     return false;
 }
 
+#if FASTBN_HAVE_F16C
+// n values of dx of float32 channels-last rows that follow each other (row stride C
+// everywhere), streamed from registers: a flat run, each vector with its columns'
+// constants (ChannelColumns; see normalize_nlc).
+template <bool MASK, bool DRES, bool FROZEN>
+FASTBN_INLINE void backward_flat_run_nlc(const float* g, const float* x, const float* y, float* d, float* dr, idx n,
+                                         idx C, const float* k) {
+    stream_run(d, n, BackwardRun<float, MASK, DRES, FROZEN, ChannelColumns<5>>{g, x, y, dr, ChannelColumns<5>{k, C, 0}});
+}
+template <bool FROZEN>
+FASTBN_INLINE void backward_flat_run_nlc(const float* g, const float* x, const float* y, float* d, float* dr, idx n,
+                                         idx C, const float* k) {
+    if (!y) backward_flat_run_nlc<false, false, FROZEN>(g, x, y, d, dr, n, C, k);
+    else if (!dr) backward_flat_run_nlc<true, false, FROZEN>(g, x, y, d, dr, n, C, k);
+    else backward_flat_run_nlc<true, true, FROZEN>(g, x, y, d, dr, n, C, k);
+}
+FASTBN_INLINE void backward_flat_run_nlc(const float* g, const float* x, const float* y, float* d, float* dr, idx n,
+                                         idx C, const float* k, bool frozen) {
+    if (frozen) backward_flat_run_nlc<true>(g, x, y, d, dr, n, C, k);
+    else backward_flat_run_nlc<false>(g, x, y, d, dr, n, C, k);
+}
+#endif
+
 // dx over rows [r0, r1); constants from prepare_channel_constants(mean, a, b, c).
 template <class T>
 FASTBN_CLONES void backward_elementwise_nlc(const T* dy, const T* x, T* dx, idx srdy, idx srx, idx srdx, idx C,
                                             idx r0, idx r1, const void* buf, bool frozen, Activation act) {
+#if FASTBN_HAVE_F16C
+    // float32 rows that follow each other, streamed: one flat run from registers (see
+    // normalize_nlc).
+    if constexpr (std::is_same<T, float>::value) {
+        if (act.stream && C >= 16 && srdy == C && srx == C && srdx == C && (!act.y || act.y_so == C) &&
+            (!act.dres || act.dres_so == C) && rows_stream_from_registers<T>(dx)) {
+            backward_flat_run_nlc(dy + r0 * C, x + r0 * C, act.y ? (const T*)act.y + r0 * C : (const T*)0,
+                                  dx + r0 * C, act.dres ? (T*)act.dres + r0 * C : (T*)0, (r1 - r0) * C, C,
+                                  (const float*)buf, frozen);
+            stream_fence();
+            return;
+        }
+    }
+#endif
     if (backward_nlc_in_tiles(dy, x, dx, srdy, srx, srdx, C, r0, r1, buf, frozen, act)) return;
     const RowsAhead ahead = RowsAhead::of<T>(C);
     idx r = r0;

@@ -571,7 +571,8 @@ def _same_bits_both_ways(outputs, on, off):
                          ids=["long-rows", "channels-last"])
 def test_streaming_stores_give_the_same_bits(shape, axis):
     """Large training/backward outputs are written with non-temporal stores (through an
-    L1 staging buffer, or NC rows straight from registers), and so are inference outputs
+    L1 staging buffer, or straight from registers: NC rows of the forward and of the split
+    backward primitive, float32 channels-last runs), and so are inference outputs
     of long NC rows (the threshold is set here so that these arrays qualify, inference's
     twice it included); the bits equal the ordinary-store path, edges included (odd
     sizes, unaligned row starts)."""
@@ -588,7 +589,11 @@ def test_streaming_stores_give_the_same_bits(shape, axis):
         dx = fbn.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, activation="relu", y=y)[0]
         dx_frozen = fbn.batch_norm_backward(dy, x, rm, 1 / np.sqrt(rv + 1e-5), w,
                                             training=False, axis=axis)[0]
-        return y, y_eval, dx, dx_frozen
+        sums = fbn.backward_reduce(dy, x, mean, invstd, axis=axis, activation="relu", y=y)
+        dx_split, dres_split = fbn.backward_elementwise(
+            dy, x, mean, invstd, w, *sums, x.size // C, axis=axis, activation="relu", y=y,
+            return_residual_grad=True)
+        return y, y_eval, dx, dx_frozen, dx_split, dres_split
 
     assert x.nbytes >= 8 << 20
     streamed = _same_bits_both_ways(outputs, dict(stream_min_bytes=4 << 20),
@@ -793,7 +798,8 @@ _TILES_CASES = [((301, 64), -1), ((97, 16), -1), ((53, 5), -1), ((41, 70), -1),
 
 def _tile_outputs(dtype_name, stream, cases=_TILES_CASES):
     """Every pass the register tiles and rows take (statistics, inference, training forward,
-    backward with and without a fused residual/ReLU, frozen statistics) on the shapes of
+    backward with and without a fused residual/ReLU, frozen statistics, the split backward
+    primitive) on the shapes of
     `cases`, with data holding NaN, Inf, signed zeros and subnormals, contiguous and as
     views whose rows are farther apart; every output (and the backward's float64 sums) as
     bytes. stream: all outputs that can be written with streaming stores are (else none)."""
@@ -843,6 +849,13 @@ def _tile_outputs_of(dtype_name, cases):
             out[key + "-dx-relu"], out[key + "-dres"] = dx, dres
             out[key + "-dx-frozen"] = fbn.batch_norm_backward(
                 dy, x, rm, 1 / np.sqrt(rv + 1e-5), w, training=False, axis=axis)[0]
+            count = x.size // C
+            out[key + "-dx-split"] = fbn.backward_elementwise(
+                dy, x, mean, invstd, w, *fbn.backward_reduce(dy, x, mean, invstd, axis=axis), count,
+                axis=axis)
+            out[key + "-dx-split-relu"], out[key + "-dres-split"] = fbn.backward_elementwise(
+                dy, x, mean, invstd, w, *out[key + "-sums-relu"], count, axis=axis,
+                activation="relu", y=y, return_residual_grad=True)
     return {k: np.ascontiguousarray(v).view(np.uint8) for k, v in out.items()}
 
 
