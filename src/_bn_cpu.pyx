@@ -114,7 +114,8 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
                                         double* invstd_out, Epilogue e, idx c,
                                         const T* x_next)
     Sums chunk_sums_nc[T](const T* dyc, const T* xc, idx sody, idx sox, Span s, double mean,
-                          Activation act, idx c)
+                          Activation act, idx c, const T* dy_ahead, const T* x_ahead)
+    idx short_rows_channels_ahead(idx row_bytes)
     void backward_elementwise_nc[T](const T* dyc, const T* xc, T* dxc, idx sody, idx sox,
                                     idx sodx, Span s, double a, double b, double c,
                                     double mean, bint frozen, Activation act, idx ch)
@@ -1129,13 +1130,27 @@ cdef inline bint _sums_spread_ahead(cnp.ndarray dy3, cnp.ndarray x3):
 cdef inline void _chunk_sums_nc_items(const data_t* dy, const data_t* x, idx sog, idx scg, idx sox,
                                       idx scx, NCGrid g, const double* mean, double* parts,
                                       Activation act, idx w0, idx w1) noexcept nogil:
-    # (channel, chunk) items [w0, w1): (sum g, sum g*(x - mean)) partials to parts
+    # (channel, chunk) items [w0, w1): (sum g, sum g*(x - mean)) partials to parts. Short
+    # rows in one chunk per channel: each item asks for the item `ahead` on (its channel's
+    # rows far apart are more streams than the hardware prefetchers follow): cold
+    # (128,512,7,7), 2 threads, builds in turn: float32 2.14-2.24 -> 1.53-1.61 ms, float16
+    # 1.64 -> 1.29
     cdef idx w, c
     cdef Sums t
+    cdef idx ahead = 0
+    cdef const data_t* dy_ahead
+    cdef const data_t* x_ahead
+    if g.n_chunks == 1:
+        ahead = short_rows_channels_ahead(g.inner * <idx> sizeof(data_t))
     for w in range(w0, w1):
         c = w // g.n_chunks
+        dy_ahead = NULL
+        x_ahead = NULL
+        if ahead and w + ahead < w1:
+            dy_ahead = dy + (c + ahead) * scg
+            x_ahead = x + (c + ahead) * scx
         t = chunk_sums_nc(dy + c * scg, x + c * scx, sog, sox, nc_chunk(g, w % g.n_chunks),
-                          mean[c], act, c)
+                          mean[c], act, c, dy_ahead, x_ahead)
         parts[2 * w] = t.dy
         parts[2 * w + 1] = t.dy_xmu
 
