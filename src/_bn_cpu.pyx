@@ -118,7 +118,8 @@ cdef extern from "bn_kernels.hpp" namespace "fastbn" nogil:
     idx short_rows_channels_ahead(idx row_bytes)
     void backward_elementwise_nc[T](const T* dyc, const T* xc, T* dxc, idx sody, idx sox,
                                     idx sodx, Span s, double a, double b, double c,
-                                    double mean, bint frozen, Activation act, idx ch)
+                                    double mean, bint frozen, Activation act, idx ch,
+                                    const T* dy_ahead, const T* x_ahead, const T* dx_ahead)
     Sums backward_channel_nc[T](const T* dyc, const T* xc, T* dxc, idx sody, idx sox,
                                 idx sodx, NCGrid g, double mean, double invstd,
                                 double weight, bint frozen, Activation act, idx c,
@@ -1269,13 +1270,25 @@ cdef inline void _apply_nc_items(const data_t* dy, const data_t* x, data_t* dx, 
                                  idx sox, idx scx, idx sod, idx scd, NCGrid g, const double* mean,
                                  const double* ka, const double* kb, const double* kc,
                                  bint frozen, Activation act, idx w0, idx w1) noexcept nogil:
-    # (channel, chunk) items [w0, w1) of dx
+    # (channel, chunk) items [w0, w1) of dx; short rows in one chunk per channel ask for
+    # the item `ahead` on (see _chunk_sums_nc_items)
     cdef idx w, c
+    cdef idx ahead = short_rows_channels_ahead(g.inner * <idx> sizeof(data_t)) if g.n_chunks == 1 else 0
+    cdef const data_t* dy_ahead
+    cdef const data_t* x_ahead
+    cdef const data_t* dx_ahead
     for w in range(w0, w1):
         c = w // g.n_chunks
+        dy_ahead = NULL
+        x_ahead = NULL
+        dx_ahead = NULL
+        if ahead and w + ahead < w1:
+            dy_ahead = dy + (c + ahead) * scg
+            x_ahead = x + (c + ahead) * scx
+            dx_ahead = dx + (c + ahead) * scd
         backward_elementwise_nc(dy + c * scg, x + c * scx, dx + c * scd, sog, sox, sod,
                                 nc_chunk(g, w % g.n_chunks), ka[c], kb[c], kc[c], mean[c],
-                                frozen, act, c)
+                                frozen, act, c, dy_ahead, x_ahead, dx_ahead)
 
 
 cdef void _backward_apply(const data_t* dy, const data_t* x, data_t* dx, cnp.ndarray dy3,

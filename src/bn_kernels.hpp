@@ -1837,11 +1837,26 @@ FASTBN_INLINE void backward_span_nc(const T* dyc, const T* xc, T* dxc, idx sody,
     }
 }
 
+// dy_ahead, x_ahead, dx_ahead (NULL: none): the channel whose rows of the span to ask for
+// row by row as this one's go, where rows are short (as chunk_sums_nc). Cold
+// (128,512,7,7), 2 threads, builds in turn: float32 1.88-1.99 -> 1.22-1.27 ms, float16
+// 1.68 -> 0.78
 template <class T>
 FASTBN_CLONES void backward_elementwise_nc(const T* dyc, const T* xc, T* dxc, idx sody, idx sox, idx sodx,
                                            Span s, double a, double b, double c, double mean, bool frozen,
-                                           Activation act, idx ch) {
-    backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, BackwardCoef<T>(a, b, c, mean), frozen, act, ch);
+                                           Activation act, idx ch, const T* dy_ahead, const T* x_ahead,
+                                           const T* dx_ahead) {
+    const BackwardCoef<T> k(a, b, c, mean);
+    if (dy_ahead && s.i1 - s.i0 < BLOCK) {
+        for (idx r = s.r0; r < s.r1; ++r) {
+            prefetch_rows(dy_ahead + r * sody, sody, 1, s.i0, s.i1);
+            prefetch_rows(x_ahead + r * sox, sox, 1, s.i0, s.i1);
+            prefetch_rows(dx_ahead + r * sodx, sodx, 1, s.i0, s.i1);
+            backward_span_nc(dyc, xc, dxc, sody, sox, sodx, Span{r, r + 1, s.i0, s.i1}, k, frozen, act, ch);
+        }
+    } else {
+        backward_span_nc(dyc, xc, dxc, sody, sox, sodx, s, k, frozen, act, ch);
+    }
     if (act.stream) stream_fence();
 }
 
