@@ -30,6 +30,8 @@ class BatchNorm(Benchmark):
         self.out = np.empty_like(self.x)
         self.out.fill(0)
         _, self.mean, self.invstd = fbn.batch_norm_forward(self.x, axis=self.axis)
+        self.count = self.x.size // C
+        self.sums = fbn.backward_reduce(self.dy, self.x, self.mean, self.invstd, axis=self.axis)
 
     def teardown(self, *args):
         fbn.set_num_threads(None)
@@ -47,6 +49,15 @@ class BatchNorm(Benchmark):
     def time_backward(self, *args):
         fbn.batch_norm_backward(self.dy, self.x, self.mean, self.invstd, self.w,
                                 axis=self.axis, out=self.out)
+
+    def time_backward_reduce(self, *args):
+        # the split backward (multi-process statistics): the sums ...
+        fbn.backward_reduce(self.dy, self.x, self.mean, self.invstd, axis=self.axis)
+
+    def time_backward_elementwise(self, *args):
+        # ... and dx from them
+        fbn.backward_elementwise(self.dy, self.x, self.mean, self.invstd, self.w, *self.sums,
+                                 self.count, axis=self.axis, out=self.out)
 
     def peakmem_training_forward(self, *args):
         fbn.batch_norm_forward(self.x, self.w, self.b, self.rm, self.rv, axis=self.axis)
