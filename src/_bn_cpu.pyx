@@ -317,8 +317,8 @@ cdef inline bint _inference_rows_stream(idx nbytes, idx C, idx inner, idx itemsi
                                         int code) noexcept nogil:
     # Of the outputs _stream_out allows, inference streams those of twice its size (16
     # MiB) whose rows go out straight from registers (bn_kernels.hpp): NC rows of 1 KB or
-    # more and float32 channels-last rows of 16 channels or more (stream_normalized;
-    # float64 NC rows: normalize_row_streamed_f64). Inference streamed or stored, one
+    # more and float32 channels-last rows of 16 channels or more (stream_run). Inference
+    # streamed or stored, one
     # build, in turn, cold inputs, 2 threads, on a host whose streamed copy drifted
     # between 42 and 50 GB/s: (32,64,56,56) float32 NC rows from registers 0.75-0.77x
     # the stored time in one state of the host and 0.87-0.97x in another; staged through
