@@ -39,7 +39,10 @@ def _all_outputs(x, axis):
     frozen = fbn.batch_norm_backward(dy, x, rm, 1 / np.sqrt(rv + 1e-5), w, training=False, axis=axis)
     y_eval = fbn.batch_norm(x, rm, rv, w, b, axis=axis)
     m = fbn.welford(x, axis)
-    return [y, mean, invstd, rm, rv, *grads, *frozen, y_eval, m.mean, m.m2]
+    # the split backward (its items ask for the channel ahead within a thread's share)
+    sums = fbn.backward_reduce(dy, x, mean, invstd, axis=axis)
+    dx_split = fbn.backward_elementwise(dy, x, mean, invstd, w, *sums, x.size // C, axis=axis)
+    return [y, mean, invstd, rm, rv, *grads, *frozen, y_eval, m.mean, m.m2, *sums, dx_split]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
