@@ -1243,29 +1243,32 @@ template <class T> FASTBN_INLINE bool rows_stream_from_registers(const T* y) {
     return streams_rows_from_registers(is_half<T>()) && ((uintptr_t)y % sizeof(T)) == 0;
 }
 
-template <class T, bool RES, bool RELU>
-FASTBN_INLINE void stream_row_from_registers(const T* x, T* y, const T* res, idx n, const Affine<T>& a) {
-#if FASTBN_HAVE_F16C
-    if constexpr (std::is_same<T, double>::value) {
-        stream_run(y, n, NormalizedRunF64<RES, RELU>(x, res, a));
+// f(res, relu), each a std::bool_constant: the normalized runs' epilogue chosen once.
+template <class F> FASTBN_INLINE void with_epilogue(bool res, bool relu, const F& f) {
+    if (res) {
+        if (relu) f(std::true_type(), std::true_type());
+        else f(std::true_type(), std::false_type());
     } else {
-        const float k[4] = {(float)a.mean_hi, (float)a.mean_lo, (float)a.scale, (float)a.shift};
-        stream_run(y, n, NormalizedRun<T, RES, RELU, OneChannel<4>>{x, res, OneChannel<4>(k)});
+        if (relu) f(std::false_type(), std::true_type());
+        else f(std::false_type(), std::false_type());
     }
-#else
-    (void)x; (void)y; (void)res; (void)n; (void)a;
-#endif
 }
 
 template <class T>
 FASTBN_INLINE void stream_row_from_registers(const T* x, T* y, const T* res, idx n, const Affine<T>& a, bool relu) {
-    if (res) {
-        if (relu) stream_row_from_registers<T, true, true>(x, y, res, n, a);
-        else stream_row_from_registers<T, true, false>(x, y, res, n, a);
-    } else {
-        if (relu) stream_row_from_registers<T, false, true>(x, y, res, n, a);
-        else stream_row_from_registers<T, false, false>(x, y, res, n, a);
-    }
+#if FASTBN_HAVE_F16C
+    with_epilogue(res != nullptr, relu, [&](auto has_res, auto has_relu) FASTBN_LAMBDA_INLINE {
+        constexpr bool RES = decltype(has_res)::value, RELU = decltype(has_relu)::value;
+        if constexpr (std::is_same<T, double>::value) {
+            stream_run(y, n, NormalizedRunF64<RES, RELU>(x, res, a));
+        } else {
+            const float k[4] = {(float)a.mean_hi, (float)a.mean_lo, (float)a.scale, (float)a.shift};
+            stream_run(y, n, NormalizedRun<T, RES, RELU, OneChannel<4>>{x, res, OneChannel<4>(k)});
+        }
+    });
+#else
+    (void)x; (void)y; (void)res; (void)n; (void)a; (void)relu;
+#endif
 }
 
 template <class T>
@@ -1779,29 +1782,35 @@ FASTBN_INLINE void backward_row_any(const T* g, const T* x, const T* y, T* d, T*
     else backward_row<T, true, true, FROZEN>(g, x, y, d, dr, i0, i1, k);
 }
 
-// One NC row of dx streamed from registers (see stream_row_from_registers): y, dr as in
-// backward_row_any.
-template <class T, bool MASK, bool DRES, bool FROZEN>
-FASTBN_INLINE void stream_backward_row_from_registers(const T* g, const T* x, const T* y, T* d, T* dr, idx n,
-                                                      const BackwardCoef<T>& k) {
-#if FASTBN_HAVE_F16C
-    if constexpr (std::is_same<T, double>::value) {
-        stream_run(d, n, BackwardRunF64<MASK, DRES, FROZEN>(g, x, y, dr, k));
-    } else {
-        const float kf[5] = {(float)k.mean_hi, (float)k.mean_lo, (float)k.a, (float)k.b, (float)k.c};
-        stream_run(d, n, BackwardRun<T, MASK, DRES, FROZEN, OneChannel<5>>{g, x, y, dr, OneChannel<5>(kf)});
-    }
-#else
-    (void)g; (void)x; (void)y; (void)d; (void)dr; (void)n; (void)k;
-#endif
+// f(mask, dres, frozen), each a std::bool_constant: the backward runs' mode chosen once
+// (y, dr as in backward_row_any).
+template <class F> FASTBN_INLINE void with_backward_mode(const void* y, const void* dr, bool frozen, const F& f) {
+    auto with_activation = [&](auto fz) FASTBN_LAMBDA_INLINE {
+        if (!y) f(std::false_type(), std::false_type(), fz);
+        else if (!dr) f(std::true_type(), std::false_type(), fz);
+        else f(std::true_type(), std::true_type(), fz);
+    };
+    if (frozen) with_activation(std::true_type());
+    else with_activation(std::false_type());
 }
 
-template <class T, bool FROZEN>
+// One NC row of dx streamed from registers (see stream_row_from_registers).
+template <class T>
 FASTBN_INLINE void stream_backward_row_from_registers(const T* g, const T* x, const T* y, T* d, T* dr, idx n,
-                                                      const BackwardCoef<T>& k) {
-    if (!y) stream_backward_row_from_registers<T, false, false, FROZEN>(g, x, y, d, dr, n, k);
-    else if (!dr) stream_backward_row_from_registers<T, true, false, FROZEN>(g, x, y, d, dr, n, k);
-    else stream_backward_row_from_registers<T, true, true, FROZEN>(g, x, y, d, dr, n, k);
+                                                      const BackwardCoef<T>& k, bool frozen) {
+#if FASTBN_HAVE_F16C
+    with_backward_mode(y, dr, frozen, [&](auto mask, auto dres, auto fz) FASTBN_LAMBDA_INLINE {
+        constexpr bool MASK = decltype(mask)::value, DRES = decltype(dres)::value, FROZEN = decltype(fz)::value;
+        if constexpr (std::is_same<T, double>::value) {
+            stream_run(d, n, BackwardRunF64<MASK, DRES, FROZEN>(g, x, y, dr, k));
+        } else {
+            const float kf[5] = {(float)k.mean_hi, (float)k.mean_lo, (float)k.a, (float)k.b, (float)k.c};
+            stream_run(d, n, BackwardRun<T, MASK, DRES, FROZEN, OneChannel<5>>{g, x, y, dr, OneChannel<5>(kf)});
+        }
+    });
+#else
+    (void)g; (void)x; (void)y; (void)d; (void)dr; (void)n; (void)k; (void)frozen;
+#endif
 }
 
 // Streamed rows go out from registers (stream_backward_row_from_registers) where that
@@ -1824,8 +1833,7 @@ FASTBN_INLINE void backward_span_nc(const T* dyc, const T* xc, T* dxc, idx sody,
         T* dr = drc ? drc + r * act.dres_so + s.i0 : (T*)0;
         T* d = dxc + r * sodx + s.i0;
         if (act.stream && from_registers && rows_stream_from_registers<T>(d)) {
-            if (frozen) stream_backward_row_from_registers<T, true>(g, x, y, d, dr, s.i1 - s.i0, k);
-            else stream_backward_row_from_registers<T, false>(g, x, y, d, dr, s.i1 - s.i0, k);
+            stream_backward_row_from_registers(g, x, y, d, dr, s.i1 - s.i0, k, frozen);
             continue;
         }
         write_row(d, s.i1 - s.i0, act.stream, [&](T* out, idx i, idx m) FASTBN_LAMBDA_INLINE {
@@ -3013,13 +3021,10 @@ FASTBN_CLONES void normalize_nlc(const T* x, T* y, idx srx, idx sry, idx C, idx 
             const T* rs = e.res ? (const T*)e.res + r0 * C : (const T*)0;
             const idx n = (r1 - r0) * C;
             const ChannelColumns<4> cols = {(const float*)buf, C, 0};
-            if (rs) {
-                if (e.relu) stream_run(ys, n, NormalizedRun<T, true, true, ChannelColumns<4>>{xs, rs, cols});
-                else stream_run(ys, n, NormalizedRun<T, true, false, ChannelColumns<4>>{xs, rs, cols});
-            } else {
-                if (e.relu) stream_run(ys, n, NormalizedRun<T, false, true, ChannelColumns<4>>{xs, rs, cols});
-                else stream_run(ys, n, NormalizedRun<T, false, false, ChannelColumns<4>>{xs, rs, cols});
-            }
+            with_epilogue(rs != nullptr, e.relu, [&](auto has_res, auto has_relu) FASTBN_LAMBDA_INLINE {
+                stream_run(ys, n, NormalizedRun<T, decltype(has_res)::value, decltype(has_relu)::value,
+                                                ChannelColumns<4>>{xs, rs, cols});
+            });
             stream_fence();
             return;
         }
@@ -3582,22 +3587,12 @@ FASTBN_INLINE bool backward_nlc_in_tiles(const T* dy, const T* x, T* dx, idx srd
 // n values of dx of float32 channels-last rows that follow each other (row stride C
 // everywhere), streamed from registers: a flat run, each vector with its columns'
 // constants (ChannelColumns; see normalize_nlc).
-template <bool MASK, bool DRES, bool FROZEN>
-FASTBN_INLINE void backward_flat_run_nlc(const float* g, const float* x, const float* y, float* d, float* dr, idx n,
-                                         idx C, const float* k) {
-    stream_run(d, n, BackwardRun<float, MASK, DRES, FROZEN, ChannelColumns<5>>{g, x, y, dr, ChannelColumns<5>{k, C, 0}});
-}
-template <bool FROZEN>
-FASTBN_INLINE void backward_flat_run_nlc(const float* g, const float* x, const float* y, float* d, float* dr, idx n,
-                                         idx C, const float* k) {
-    if (!y) backward_flat_run_nlc<false, false, FROZEN>(g, x, y, d, dr, n, C, k);
-    else if (!dr) backward_flat_run_nlc<true, false, FROZEN>(g, x, y, d, dr, n, C, k);
-    else backward_flat_run_nlc<true, true, FROZEN>(g, x, y, d, dr, n, C, k);
-}
 FASTBN_INLINE void backward_flat_run_nlc(const float* g, const float* x, const float* y, float* d, float* dr, idx n,
                                          idx C, const float* k, bool frozen) {
-    if (frozen) backward_flat_run_nlc<true>(g, x, y, d, dr, n, C, k);
-    else backward_flat_run_nlc<false>(g, x, y, d, dr, n, C, k);
+    with_backward_mode(y, dr, frozen, [&](auto mask, auto dres, auto fz) FASTBN_LAMBDA_INLINE {
+        stream_run(d, n, BackwardRun<float, decltype(mask)::value, decltype(dres)::value, decltype(fz)::value,
+                                     ChannelColumns<5>>{g, x, y, dr, ChannelColumns<5>{k, C, 0}});
+    });
 }
 #endif
 
